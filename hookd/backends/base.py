@@ -1,0 +1,77 @@
+"""The backend interface every cache store implements."""
+
+from __future__ import annotations
+
+import abc
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+
+class BackendError(RuntimeError):
+    """A cache operation failed in a way that may succeed later (network, 5xx, disk full)."""
+
+
+class PermanentBackendError(BackendError):
+    """A cache operation can never succeed as asked (bad URL, permission denied): no retry helps."""
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    key: str
+    size: int
+    mtime: float
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Bytes to upload, staged in memory or in a local file, with a known size; re-readable for retries."""
+
+    size: int
+    data: bytes | None = None
+    path: Path | None = None
+
+    def open(self) -> BinaryIO:
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        assert self.path is not None
+        return open(self.path, "rb")
+
+
+class Backend(abc.ABC):
+    """A binary cache: a flat key space of objects (`nix-cache-info`, `<hash>.narinfo`, `nar/…`)."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write a small object atomically, replacing any previous one."""
+
+    @abc.abstractmethod
+    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
+        """Write a large object atomically unless the key exists; True if written, False if it existed.
+
+        NAR keys are content hashes, so an existing key already holds these bytes: it is never replaced.
+        """
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]: ...
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def stat(self, key: str) -> ObjectStat | None: ...
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,155 @@
+"""One typed configuration, merged from defaults, a TOML file, HOOKD_* environment variables and flags
+(later sources win).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/hookd/config.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/hookd")
+COMPRESSIONS = ("zstd", "xz", "none")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the setting and where it came from."""
+
+
+@dataclass
+class Config:
+    cache: str = ""
+    """Where to upload: file:///dir (S3 and HTTP caches come with their backends)."""
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Holds the queue database, and by default the socket, the spool and a generated signing key."""
+    socket: Path | None = None
+    """The hook's Unix socket (default: <state_dir>/hookd.sock)."""
+    spool_dir: Path | None = None
+    """Where the hook leaves requests when the daemon is unreachable (default: <state_dir>/spool)."""
+    secret_key_file: Path | None = None
+    """Signing key in Nix's format. Default: <state_dir>/secret-key, generated on first start."""
+    compression: str = "zstd"
+    compression_level: int | None = None
+    """zstd 1-19 (default 3), xz 0-9 (default 6)."""
+    store_dir: str = "/nix/store"
+    nix_store: str | None = None
+    """Passed to Nix as --store when querying path info (for example 'daemon'); default: Nix's own."""
+    max_parallel: int = 8
+    """Paths uploaded at the same time."""
+    priority: int = 50
+    """The Priority written to nix-cache-info."""
+    allowed_uids: list[int] = field(default_factory=lambda: [0])
+    """Peers (by SO_PEERCRED uid) allowed on the socket, besides the daemon's own user."""
+    socket_group: str | None = None
+    """Group that owns the socket (mode 0660)."""
+    shutdown_timeout: float = 20.0
+    """On SIGTERM, how long in-flight uploads may take to finish."""
+    retry_base: float = 2.0
+    retry_max: float = 600.0
+    """Exponential backoff with full jitter between these bounds (seconds) for transient failures."""
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket or self.state_dir / "hookd.sock"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.state_dir / "spool"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "queue.sqlite"
+
+    @property
+    def key_path(self) -> Path:
+        return self.secret_key_file or self.state_dir / "secret-key"
+
+    @property
+    def level(self) -> int:
+        if self.compression_level is not None:
+            return self.compression_level
+        return {"zstd": 3, "xz": 6}.get(self.compression, 0)
+
+    def validate(self) -> Config:
+        if not self.cache:
+            raise ConfigError(
+                "no cache given: pass --cache URL, set HOOKD_CACHE or `cache` in the config file"
+            )
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"compression {self.compression!r}: expected one of {', '.join(COMPRESSIONS)}")
+        lo, hi = {"zstd": (1, 22), "xz": (0, 9), "none": (0, 0)}[self.compression]
+        if self.compression_level is not None and not lo <= self.compression_level <= hi:
+            raise ConfigError(f"compression_level {self.compression_level} is outside {lo}..{hi}")
+        if self.max_parallel < 1:
+            raise ConfigError("max_parallel must be at least 1")
+        if not self.store_dir.startswith("/") or self.store_dir != self.store_dir.rstrip("/"):
+            raise ConfigError(f"store_dir {self.store_dir!r} must be absolute, without a trailing '/'")
+        if len(os.fsencode(self.socket_path)) > 107:
+            raise ConfigError(
+                f"socket path {self.socket_path} is longer than a Unix socket allows (107 bytes)"
+            )
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = str(_FIELDS[name].type)
+    try:
+        if value is None:
+            return None
+        if "Path" in kind:
+            return Path(value)
+        if "list[int]" in kind:
+            items = value.replace(",", " ").split() if isinstance(value, str) else value
+            return [int(v) for v in items]
+        if "int" in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {kind}") from None
+
+
+def load(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults, then the TOML file, then HOOKD_<NAME> variables, then `overrides`.
+
+    `config_file` defaults to /etc/hookd/config.toml when that file exists (HOOKD_CONFIG names another).
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env["HOOKD_CONFIG"]) if env.get("HOOKD_CONFIG") else None)
+    if path is None and DEFAULT_CONFIG_FILE.exists():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[name] = _coerce(name, value, str(path))
+    for name in _FIELDS:
+        var = "HOOKD_" + name.upper()
+        if env.get(var):
+            values[name] = _coerce(name, env[var], var)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    return Config(**values)

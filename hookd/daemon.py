@@ -1,0 +1,478 @@
+"""The hookd daemon: socket server, planner and upload scheduler wired together on one asyncio loop.
+
+Three loops share one sqlite queue. The server commits each hook request before answering "OK". The
+planner turns requests into closures (outputs of a .drv when the hook got none, then every path those
+outputs need) with one `nix` call per batch. The scheduler starts uploads of ready paths (pending, due,
+all references done) up to the concurrency limit and records their outcomes in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import signal
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import narinfo, protocol, storepath
+from .backends import Backend, BackendError
+from .config import Config
+from .queue import DONE, FAILED, PENDING, Outcome, Queue, Request
+from .signing import SecretKey
+from .store import InvalidPathError, PathInfo, Store, StoreError
+from .upload import NarMismatchError, upload_path
+
+log = logging.getLogger("hookd")
+
+READ_TIMEOUT = 10.0
+SPOOL_POLL = 5.0
+SD_LISTEN_FDS_START = 3
+
+
+class RequestRejected(ValueError):
+    """A request names paths hookd must not touch (outside the store, malformed, missing)."""
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start (state directory locked, socket unusable, …)."""
+
+
+def backoff(attempts: int, base: float, cap: float) -> float:
+    """Seconds to wait before the next attempt: exponential with full jitter."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempts, 32)))
+
+
+def validate(req: protocol.Enqueue, store_dir: str) -> None:
+    """Check every path of a request against the store directory and the file system."""
+    paths = ([req.drv] if req.drv else []) + list(req.outs)
+    for p in paths:
+        try:
+            storepath.check(p, store_dir)
+        except storepath.StorePathError as e:
+            raise RequestRejected(str(e)) from None
+    if req.drv and not req.drv.endswith(".drv"):
+        raise RequestRejected(f"{req.drv!r} is given as DRV_PATH but does not end in .drv")
+    for p in paths:
+        if not os.path.lexists(p):
+            raise RequestRejected(f"{p} does not exist in the store")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return pid, uid, gid
+
+
+class Daemon:
+    def __init__(self, cfg: Config, backend: Backend, store: Store, key: SecretKey) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.store = store
+        self.key = key
+        self.queue: Queue | None = None
+        self.stopping = asyncio.Event()
+        self.plan_wake = asyncio.Event()
+        self.sched_wake = asyncio.Event()
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.outcomes: list[Outcome] = []
+        self.cache_ready = False
+        self.staging = cfg.state_dir / "staging"
+        self._lock_fd: int | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._owns_socket = False
+        self.allowed_uids = set(cfg.allowed_uids) | {os.getuid()}
+
+    # --- life cycle ---------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info(
+                "stopping: no new uploads; waiting up to %gs for %d in flight",
+                self.cfg.shutdown_timeout,
+                len(self.inflight),
+            )
+        self.stopping.set()
+        self.plan_wake.set()
+        self.sched_wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self._prepare_dirs()
+        self.queue = await Queue.open(self.cfg.db_path, self.cfg.store_dir)
+        try:
+            await self._start_server()
+            await self.drain_spool()
+            counts = await self.queue.counts()
+            log.info(
+                "hookd ready: cache %s, key %s, socket %s; queue: %d pending, %d failed, %d requests to plan",
+                self.backend.url,
+                self.key.name,
+                self.cfg.socket_path,
+                counts[PENDING],
+                counts[FAILED],
+                counts["requests"],
+            )
+            _sd_notify("READY=1\nSTATUS=queue: %d pending" % counts[PENDING])
+            planner = asyncio.create_task(self._planner(), name="planner")
+            scheduler = asyncio.create_task(self._scheduler(), name="scheduler")
+            await self.stopping.wait()
+            _sd_notify("STOPPING=1")
+            await self._stop_server()
+            await asyncio.gather(planner, scheduler, return_exceptions=True)
+            await self._drain_inflight()
+        finally:
+            await self._stop_server()
+            if self.queue is not None:
+                await self.queue.close()
+            await self.backend.close()
+            self._release_lock()
+        log.info("hookd stopped")
+
+    def _prepare_dirs(self) -> None:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.cfg.spool_path.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.staging.mkdir(exist_ok=True, mode=0o700)
+        for leftover in self.staging.iterdir():
+            leftover.unlink(missing_ok=True)
+        lock_path = self.cfg.state_dir / "lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(
+                f"another hookd daemon is running with state directory {self.cfg.state_dir} "
+                f"(it holds {lock_path})"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _start_server(self) -> None:
+        sock = _systemd_socket()
+        if sock is None:
+            sock = self._bind_socket()
+            self._owns_socket = True
+        self._server = await asyncio.start_unix_server(self._handle, sock=sock, limit=protocol.MAX_LINE + 1)
+
+    def _bind_socket(self) -> socket.socket:
+        path = self.cfg.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        if self.cfg.socket_group:
+            import grp
+
+            try:
+                gid = grp.getgrnam(self.cfg.socket_group).gr_gid
+            except KeyError:
+                sock.close()
+                raise DaemonError(f"socket_group {self.cfg.socket_group!r} does not exist") from None
+            os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+        sock.listen(128)
+        return sock
+
+    async def _stop_server(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            if self._owns_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    self.cfg.socket_path.unlink()
+
+    async def _drain_inflight(self) -> None:
+        tasks = list(self.inflight.values())
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=self.cfg.shutdown_timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                log.warning("stopping: %d uploads did not finish in time; they stay queued", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self._flush_outcomes()
+
+    # --- the socket ---------------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answer = b""
+        try:
+            answer = await self._serve(reader, writer)
+        except Exception as e:  # never let one connection take the daemon down
+            log.exception("internal error while serving a request")
+            answer = protocol.error(f"internal error: {type(e).__name__}")
+        finally:
+            with contextlib.suppress(Exception):
+                if answer:
+                    writer.write(answer)
+                    await asyncio.wait_for(writer.drain(), 5)
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        _, uid, _ = peer_credentials(writer.get_extra_info("socket"))
+        if uid not in self.allowed_uids:
+            log.warning(
+                "refused a connection from uid %d: not in allowed_uids %s", uid, sorted(self.allowed_uids)
+            )
+            return protocol.error(
+                f"uid {uid} is not allowed to use this socket (ask the operator to add it to allowed_uids)"
+            )
+        try:
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
+        except ValueError:
+            log.warning("rejected a request from uid %d: longer than %d bytes", uid, protocol.MAX_LINE)
+            return protocol.error(f"request longer than {protocol.MAX_LINE} bytes")
+        except TimeoutError:
+            log.warning("rejected a request from uid %d: no complete line within %gs", uid, READ_TIMEOUT)
+            return protocol.error(f"no complete request line within {READ_TIMEOUT:g} s")
+        if not line:
+            return b""
+        try:
+            req = protocol.parse_request(line)
+            if isinstance(req, protocol.Ping):
+                return protocol.ok("pong")
+            validate(req, self.cfg.store_dir)
+        except (protocol.ProtocolError, RequestRejected) as e:
+            log.warning("rejected a request from uid %d: %s", uid, e)
+            return protocol.error(str(e))
+        if self.stopping.is_set():
+            return protocol.error("hookd is shutting down")
+        assert self.queue is not None
+        rid = await self.queue.add_request(req.drv, req.outs, "socket")
+        log.info("queued request %d: %s", rid, req.drv if not req.outs else " ".join(req.outs))
+        self.plan_wake.set()
+        return protocol.ok(f"queued {rid}")
+
+    # --- the spool ----------------------------------------------------------------------------------
+
+    async def drain_spool(self) -> int:
+        """Queue every request the hook spooled while we were away; set aside the malformed ones."""
+        assert self.queue is not None
+        spool = self.cfg.spool_path
+        try:
+            names = sorted(os.listdir(spool))
+        except FileNotFoundError:
+            return 0
+        count = 0
+        for name in names:
+            path = spool / name
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - path.stat().st_mtime > 3600:
+                        path.unlink()
+                continue
+            if not name.endswith(".req"):
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(protocol.MAX_LINE + 2)
+                req = protocol.parse_request(data)
+                if not isinstance(req, protocol.Enqueue):
+                    raise protocol.ProtocolError("spool file holds no ENQUEUE request")
+                validate(req, self.cfg.store_dir)
+            except FileNotFoundError:
+                continue
+            except (protocol.ProtocolError, RequestRejected) as e:
+                self._reject_spool_file(path, str(e))
+                continue
+            await self.queue.add_request(req.drv, req.outs, "spool")
+            path.unlink()
+            count += 1
+        if count:
+            log.info("queued %d spooled requests from %s", count, spool)
+            self.plan_wake.set()
+        return count
+
+    def _reject_spool_file(self, path: Path, reason: str) -> None:
+        rejected = path.parent / "rejected"
+        rejected.mkdir(exist_ok=True)
+        os.replace(path, rejected / path.name)
+        log.error("spool file %s rejected: %s (moved to %s)", path.name, reason, rejected)
+
+    # --- planning -----------------------------------------------------------------------------------
+
+    async def _planner(self) -> None:
+        assert self.queue is not None
+        while not self.stopping.is_set():
+            try:
+                reqs = await self.queue.due_requests()
+                if reqs:
+                    await self._plan(reqs)
+                    continue
+                nxt = await self.queue.next_request_time()
+                timeout = SPOOL_POLL if nxt is None else max(0.05, min(SPOOL_POLL, nxt - time.time()))
+                await _wait(self.plan_wake, timeout)
+                if not self.stopping.is_set():
+                    await self.drain_spool()
+            except Exception:
+                log.exception("planner error; retrying in %gs", SPOOL_POLL)
+                await _wait(self.stopping, SPOOL_POLL, clear=False)
+
+    async def _plan(self, reqs: Sequence[Request]) -> None:
+        assert self.queue is not None
+        try:
+            infos = await self._closure(reqs)
+        except InvalidPathError as e:
+            if len(reqs) > 1:
+                for r in reqs:  # find the bad request without holding up the good ones
+                    await self._plan([r])
+                return
+            log.error("request %d failed: %s", reqs[0].id, e)
+            await self.queue.fail_request(reqs[0].id, str(e))
+            return
+        except StoreError as e:
+            delay = backoff(min(r.attempts for r in reqs), self.cfg.retry_base, self.cfg.retry_max)
+            log.warning("cannot plan %d requests yet: %s (retry in %.0fs)", len(reqs), e, delay)
+            await self.queue.retry_requests([r.id for r in reqs], str(e), time.time() + delay)
+            return
+        added = await self.queue.plan([r.id for r in reqs], infos)
+        log.info("planned %d requests: closure of %d paths, %d to upload", len(reqs), len(infos), added)
+        self.sched_wake.set()
+
+    async def _closure(self, reqs: Sequence[Request]) -> dict[str, PathInfo]:
+        roots: list[str] = []
+        drvs: list[str] = []
+        for r in reqs:
+            if r.outs:
+                roots.extend(r.outs)
+            elif r.drv:
+                drvs.append(r.drv)
+        if drvs:
+            outs = await self.store.outputs(drvs)
+            roots.extend(o for o in outs if os.path.lexists(o))
+        if not roots:
+            return {}
+        return await self.store.closure(dict.fromkeys(roots))
+
+    # --- uploading ----------------------------------------------------------------------------------
+
+    async def _scheduler(self) -> None:
+        assert self.queue is not None
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                await self._flush_outcomes()
+                if not self.cache_ready:
+                    await self._ensure_cache_info()
+                free = self.cfg.max_parallel - len(self.inflight)
+                if free > 0:
+                    for info in await self.queue.ready(free, exclude=self.inflight):
+                        self.inflight[info.path] = asyncio.create_task(self._upload(info), name=info.path)
+                nxt = await self.queue.next_path_time()
+                timeout = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))
+                failures = 0
+                await _wait(self.sched_wake, timeout)
+            except Exception as e:
+                failures += 1
+                delay = backoff(failures, self.cfg.retry_base, self.cfg.retry_max)
+                log.error("scheduler: %s (retry in %.0fs)", e, delay)
+                await _wait(self.stopping, delay, clear=False)
+
+    async def _ensure_cache_info(self) -> None:
+        if not await self.backend.exists("nix-cache-info"):
+            text = narinfo.cache_info(self.cfg.store_dir, self.cfg.priority)
+            await self.backend.put("nix-cache-info", text.encode(), "text/x-nix-cache-info")
+            log.info("wrote nix-cache-info to %s", self.backend.url)
+        self.cache_ready = True
+
+    async def _flush_outcomes(self) -> None:
+        if self.outcomes and self.queue is not None:
+            batch, self.outcomes = self.outcomes, []
+            try:
+                await self.queue.record(batch)
+            except BaseException:
+                self.outcomes[:0] = batch
+                raise
+
+    async def _upload(self, info: PathInfo) -> None:
+        assert self.queue is not None
+        start = time.monotonic()
+        try:
+            res = await upload_path(
+                info, self.backend, self.key, self.cfg.compression, self.cfg.level, self.staging
+            )
+        except asyncio.CancelledError:
+            raise
+        except NarMismatchError as e:
+            log.error("refused %s", e)
+            self.outcomes.append(Outcome(info.path, FAILED, str(e)))
+        except FileNotFoundError as e:
+            msg = f"{info.path} is gone from the store ({e.filename}); it was garbage-collected before upload"
+            log.error("%s", msg)
+            self.outcomes.append(Outcome(info.path, FAILED, msg))
+        except Exception as e:
+            attempts = await self.queue.attempts(info.path) + 1
+            delay = backoff(attempts, self.cfg.retry_base, self.cfg.retry_max)
+            level = logging.WARNING if isinstance(e, BackendError | OSError) else logging.ERROR
+            log.log(
+                level,
+                "upload of %s failed (attempt %d): %s; retry in %.0fs",
+                info.path,
+                attempts,
+                e or type(e).__name__,
+                delay,
+                exc_info=level == logging.ERROR,
+            )
+            self.outcomes.append(Outcome(info.path, PENDING, str(e) or type(e).__name__, time.time() + delay))
+        else:
+            if res.skipped:
+                log.info("%s: already in the cache", info.path)
+            else:
+                log.info(
+                    "uploaded %s: NAR %d bytes, compressed %d, %.2fs",
+                    info.path,
+                    res.nar_size,
+                    res.file_size,
+                    time.monotonic() - start,
+                )
+            self.outcomes.append(
+                Outcome(info.path, DONE, None, 0.0, res.nar_size or None, res.file_size or None)
+            )
+        finally:
+            self.inflight.pop(info.path, None)
+            self.sched_wake.set()
+
+
+async def _wait(event: asyncio.Event, timeout: float, clear: bool = True) -> None:
+    """Wait for a wake-up or the timeout; consume the wake-up (a later set() is kept for next time)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    if clear:
+        event.clear()
+
+
+def _systemd_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return socket.socket(fileno=SD_LISTEN_FDS_START)
+
+
+def _sd_notify(message: str) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    import sdnotify
+
+    sdnotify.SystemdNotifier().notify(message)

@@ -1,0 +1,101 @@
+"""The daemon socket's wire format: one request line, one response line.
+
+Requests are `VERB ARG...\\n` with space-separated arguments. Store paths never contain spaces, so the
+hook needs no JSON encoder and no import heavier than the standard library's core: it runs inside
+nix-daemon's build loop, where every millisecond of start-up counts.
+
+    ENQUEUE <drv-path or -> [<out-path> ...]   queue outputs (or, with none, the outputs of the .drv)
+    PING                                       liveness check
+
+Responses: `OK [detail]\\n` once the request is committed to the queue, or `ERR <message>\\n`.
+This module is imported by the hook: standard library only, and no `typing`, `re` or `dataclasses`.
+"""
+
+from __future__ import annotations
+
+MAX_LINE = 1 << 20
+MAX_PATHS = 10_000
+MAX_PATH_LEN = 4096
+
+
+class ProtocolError(ValueError):
+    """A request or response line is malformed; the message is safe to send back to the peer."""
+
+
+class Enqueue:
+    __slots__ = ("drv", "outs")
+
+    def __init__(self, drv: str | None, outs: tuple[str, ...]) -> None:
+        self.drv = drv
+        self.outs = outs
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Enqueue) and (self.drv, self.outs) == (other.drv, other.outs)
+
+    def __repr__(self) -> str:
+        return f"Enqueue(drv={self.drv!r}, outs={self.outs!r})"
+
+    def encode(self) -> bytes:
+        return " ".join(["ENQUEUE", self.drv or "-", *self.outs]).encode() + b"\n"
+
+
+class Ping:
+    __slots__ = ()
+
+    def encode(self) -> bytes:
+        return b"PING\n"
+
+
+def enqueue_from_env(out_paths: str, drv_path: str) -> Enqueue:
+    """The request for a post-build-hook invocation (`OUT_PATHS` may be empty: Nix 2.8.0 leaves it so)."""
+    return Enqueue(drv_path.strip() or None, tuple(out_paths.split()))
+
+
+def parse_request(line: bytes) -> Enqueue | Ping:
+    """Parse one request line (syntax only; the daemon checks the paths against its store)."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"request line longer than {MAX_LINE} bytes")
+    if not line.endswith(b"\n"):
+        raise ProtocolError("request line does not end in a newline")
+    try:
+        text = line[:-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("request is not UTF-8 text") from None
+    if "\0" in text or "\r" in text or "\n" in text:
+        raise ProtocolError("request contains a control character")
+    words = text.split(" ")
+    verb = words[0]
+    if verb == "PING" and len(words) == 1:
+        return Ping()
+    if verb != "ENQUEUE":
+        raise ProtocolError(f"unknown request {verb[:20]!r} (expected ENQUEUE or PING)")
+    if len(words) < 2 or any(not w for w in words[1:]):
+        raise ProtocolError("ENQUEUE needs a .drv path or '-', then paths separated by single spaces")
+    drv = None if words[1] == "-" else words[1]
+    outs = tuple(words[2:])
+    if drv is None and not outs:
+        raise ProtocolError("ENQUEUE with neither a .drv path nor output paths")
+    if len(outs) > MAX_PATHS:
+        raise ProtocolError(f"ENQUEUE with {len(outs)} paths; at most {MAX_PATHS} per request")
+    for w in words[1:]:
+        if len(w) > MAX_PATH_LEN:
+            raise ProtocolError(f"path longer than {MAX_PATH_LEN} characters")
+    return Enqueue(drv, outs)
+
+
+def ok(detail: str = "") -> bytes:
+    return (f"OK {detail}" if detail else "OK").encode() + b"\n"
+
+
+def error(message: str) -> bytes:
+    return f"ERR {' '.join(message.split())}".encode() + b"\n"
+
+
+def parse_response(line: bytes) -> tuple[bool, str]:
+    """(True, detail) for OK, (False, message) for ERR; anything else is an error too."""
+    text = line.decode("utf-8", "replace").rstrip("\n")
+    if text == "OK" or text.startswith("OK "):
+        return True, text[3:]
+    if text.startswith("ERR "):
+        return False, text[4:]
+    return False, f"unexpected response {text[:80]!r}"

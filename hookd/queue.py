@@ -1,0 +1,228 @@
+"""The durable upload queue (sqlite in WAL mode, through aiosqlite).
+
+Two tables carry the work. `requests` holds what the hook (or the spool) handed over, committed before
+the hook is told "queued"; the planner turns each into `paths` rows (the closure, with its references in
+`refs`) in one transaction. A path is ready when it is pending, its retry time has come, and every
+reference it has in the queue is done: that is what keeps a referrer's narinfo out of the cache until
+all its references are there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from .store import PathInfo, parse_path_info
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    drv TEXT,
+    outs TEXT NOT NULL,              -- space-separated store paths (may be empty)
+    source TEXT NOT NULL,            -- socket, spool, cli
+    received REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'new',  -- new, planned, failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests(state, next_try);
+CREATE TABLE IF NOT EXISTS paths (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,             -- pending, done, failed
+    info TEXT NOT NULL,              -- PathInfo as JSON, read from the store when planned
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    nar_size INTEGER,
+    file_size INTEGER
+);
+CREATE INDEX IF NOT EXISTS paths_state ON paths(state, next_try);
+CREATE TABLE IF NOT EXISTS refs (
+    path TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    PRIMARY KEY (path, ref)
+) WITHOUT ROWID;
+"""
+
+PENDING, DONE, FAILED = "pending", "done", "failed"
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    drv: str | None
+    outs: tuple[str, ...]
+    source: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one upload attempt ended, to be recorded in a batch."""
+
+    path: str
+    state: str
+    error: str | None = None
+    next_try: float = 0.0
+    nar_size: int | None = None
+    file_size: int | None = None
+
+
+class Queue:
+    def __init__(self, db: aiosqlite.Connection, store_dir: str) -> None:
+        self.db = db
+        self.store_dir = store_dir
+
+    @classmethod
+    async def open(cls, path: Path, store_dir: str) -> Queue:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.executescript(SCHEMA)
+        return cls(db, store_dir)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # --- requests -----------------------------------------------------------------------------------
+
+    async def add_request(self, drv: str | None, outs: Sequence[str], source: str) -> int:
+        """Record a request durably; once this returns, the paths will be uploaded."""
+        cur = await self.db.execute(
+            "INSERT INTO requests (drv, outs, source, received) VALUES (?, ?, ?, ?)",
+            (drv, " ".join(outs), source, time.time()),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def due_requests(self, limit: int = 200) -> list[Request]:
+        rows = await self.db.execute_fetchall(
+            "SELECT id, drv, outs, source, attempts FROM requests WHERE state = 'new' AND next_try <= ? "
+            "ORDER BY id LIMIT ?",
+            (time.time(), limit),
+        )
+        return [Request(r[0], r[1], tuple(r[2].split()), r[3], r[4]) for r in rows]
+
+    async def next_request_time(self) -> float | None:
+        rows = await self.db.execute_fetchall("SELECT MIN(next_try) FROM requests WHERE state = 'new'")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def retry_requests(self, ids: Iterable[int], error: str, next_try: float) -> None:
+        await self.db.executemany(
+            "UPDATE requests SET attempts = attempts + 1, error = ?, next_try = ? WHERE id = ?",
+            [(error, next_try, i) for i in ids],
+        )
+
+    async def fail_request(self, request_id: int, error: str) -> None:
+        await self.db.execute(
+            "UPDATE requests SET state = 'failed', error = ? WHERE id = ?", (error, request_id)
+        )
+
+    async def plan(self, request_ids: Iterable[int], infos: dict[str, PathInfo]) -> int:
+        """Add the planned closure and mark the requests planned, in one transaction; returns new paths.
+
+        A path already done stays done; a failed one is given a fresh start (it was asked for again).
+        """
+        now = time.time()
+        before = self.db.total_changes
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.executemany(
+                "INSERT INTO paths (path, state, info, created, updated) VALUES (?, 'pending', ?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET state = 'pending', attempts = 0, next_try = 0, "
+                "info = excluded.info, updated = excluded.updated WHERE paths.state = 'failed'",
+                [(p, json.dumps(i.to_json()), now, now) for p, i in infos.items()],
+            )
+            await self.db.executemany(
+                "INSERT OR IGNORE INTO refs (path, ref) VALUES (?, ?)",
+                [(p, r) for p, i in infos.items() for r in i.references if r != p],
+            )
+            await self.db.executemany(
+                "UPDATE requests SET state = 'planned', error = NULL WHERE id = ?",
+                [(i,) for i in request_ids],
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return self.db.total_changes - before
+
+    # --- paths --------------------------------------------------------------------------------------
+
+    async def ready(self, limit: int, exclude: Iterable[str] = ()) -> list[PathInfo]:
+        """Pending paths whose retry time has come and whose references are all done, oldest first."""
+        excluded = set(exclude)
+        rows = await self.db.execute_fetchall(
+            "SELECT p.path, p.info FROM paths p WHERE p.state = 'pending' AND p.next_try <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM refs r JOIN paths q ON q.path = r.ref "
+            "                WHERE r.path = p.path AND q.state != 'done') "
+            "ORDER BY p.id LIMIT ?",
+            (time.time(), limit + len(excluded)),
+        )
+        out = []
+        for path, info in rows:
+            if path in excluded:
+                continue
+            out.append(parse_path_info([json.loads(info)], self.store_dir)[path])
+            if len(out) == limit:
+                break
+        return out
+
+    async def next_path_time(self) -> float | None:
+        rows = await self.db.execute_fetchall("SELECT MIN(next_try) FROM paths WHERE state = 'pending'")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Record a batch of attempt outcomes in one transaction."""
+        if not outcomes:
+            return
+        now = time.time()
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.executemany(
+                "UPDATE paths SET state = ?, last_error = ?, next_try = ?, updated = ?, "
+                "attempts = attempts + (CASE WHEN ? = 'done' THEN 0 ELSE 1 END), "
+                "nar_size = COALESCE(?, nar_size), file_size = COALESCE(?, file_size) WHERE path = ?",
+                [
+                    (o.state, o.error, o.next_try, now, o.state, o.nar_size, o.file_size, o.path)
+                    for o in outcomes
+                ],
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def attempts(self, path: str) -> int:
+        rows = await self.db.execute_fetchall("SELECT attempts FROM paths WHERE path = ?", (path,))
+        return int(rows[0][0]) if rows else 0
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM paths GROUP BY state")
+        out = {PENDING: 0, DONE: 0, FAILED: 0}
+        out.update({r[0]: r[1] for r in rows})
+        rows = await self.db.execute_fetchall("SELECT COUNT(*) FROM requests WHERE state = 'new'")
+        out["requests"] = rows[0][0]
+        return out
+
+    async def path_row(self, path: str) -> dict[str, object] | None:
+        cur = await self.db.execute(
+            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size FROM paths WHERE path = ?",
+            (path,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        keys = ("path", "state", "attempts", "next_try", "last_error", "nar_size", "file_size")
+        return dict(zip(keys, row, strict=True))

@@ -1,0 +1,179 @@
+"""The per-path pipeline: dump the NAR from the store, check it against the store's NarHash, compress,
+put the NAR, sign, and put the narinfo last.
+
+Nothing reaches the cache before the whole NAR has been hashed and checked: the compressed NAR is staged
+in memory (small paths) or in a local file (large ones) first, which also gives its FileHash, and so its
+key, before the first byte is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import lzma
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import pyzstd
+
+from . import nar, narinfo, nixbase32, storepath
+from .backends import Backend, Blob
+from .signing import SecretKey
+from .store import PathInfo
+
+NAR_CONTENT_TYPE = "application/x-nix-nar"
+MEMORY_LIMIT = 8 << 20
+
+
+class NarMismatchError(Exception):
+    """The path on disk does not match the store's NarHash/NarSize: never upload it."""
+
+
+class _Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: bytes) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def compressor(kind: str, level: int) -> _Compressor:
+    if kind == "zstd":
+        return pyzstd.ZstdCompressor(level)  # type: ignore[no-any-return]
+    if kind == "xz":
+        return lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=level)
+    if kind == "none":
+        return _Identity()
+    raise ValueError(f"unknown compression {kind!r}")
+
+
+@dataclass(frozen=True)
+class StagedNar:
+    nar_hash: bytes
+    nar_size: int
+    file_hash: bytes
+    blob: Blob
+
+    def discard(self) -> None:
+        if self.blob.path is not None:
+            self.blob.path.unlink(missing_ok=True)
+
+
+class _Spill:
+    """Collects output in memory, moving to a temp file once it passes `limit` bytes."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        self.directory, self.limit = directory, limit
+        self.buf: BinaryIO = io.BytesIO()
+        self.path: Path | None = None
+        self.size = 0
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.hash.update(data)
+        self.size += len(data)
+        if self.path is None and self.size > self.limit:
+            fd, name = tempfile.mkstemp(prefix="nar-", dir=self.directory)
+            f = os.fdopen(fd, "w+b")
+            f.write(self.buf.getvalue())  # type: ignore[attr-defined]
+            self.buf, self.path = f, Path(name)
+        self.buf.write(data)
+
+    def finish(self) -> Blob:
+        if self.path is None:
+            return Blob(self.size, data=self.buf.getvalue())  # type: ignore[attr-defined]
+        self.buf.close()
+        return Blob(self.size, path=self.path)
+
+    def abort(self) -> None:
+        self.buf.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def stage_nar(
+    info: PathInfo, compression: str, level: int, staging_dir: Path, memory_limit: int = MEMORY_LIMIT
+) -> StagedNar:
+    """Dump, hash, check and compress one store path (blocking: run it in a thread)."""
+    nar_hash = hashlib.sha256()
+    nar_size = 0
+    comp = compressor(compression, level)
+    out = _Spill(staging_dir, memory_limit)
+    try:
+        for chunk in nar.dump(info.path):
+            nar_hash.update(chunk)
+            nar_size += len(chunk)
+            out.write(comp.compress(chunk))
+        out.write(comp.flush())
+        digest = nar_hash.digest()
+        if nar_size != info.nar_size or digest != info.nar_hash:
+            raise NarMismatchError(
+                f"{info.path}: the contents on disk do not match the Nix store's record "
+                f"(store: NarHash {nixbase32.format_hash(info.nar_hash)}, NarSize {info.nar_size}; "
+                f"disk: NarHash {nixbase32.format_hash(digest)}, NarSize {nar_size}). The path was "
+                f"modified or corrupted after it was built; nothing was uploaded. Check it with "
+                f"`nix-store --verify-path {info.path}` and repair it with `nix-store --repair-path`."
+            )
+        blob = out.finish()
+    except BaseException:
+        out.abort()
+        raise
+    return StagedNar(digest, nar_size, out.hash.digest(), blob)
+
+
+def make_narinfo(info: PathInfo, staged: StagedNar, compression: str, key: SecretKey) -> narinfo.NarInfo:
+    ni = narinfo.NarInfo(
+        store_path=info.path,
+        url=narinfo.nar_key(staged.file_hash, compression),
+        compression=compression,
+        file_hash=staged.file_hash,
+        file_size=staged.blob.size,
+        nar_hash=info.nar_hash,
+        nar_size=info.nar_size,
+        references=[storepath.basename(r) for r in info.references],
+        deriver=storepath.basename(info.deriver) if info.deriver else None,
+        ca=info.ca,
+    )
+    ni.sigs = [key.sign(ni.fingerprint())]
+    return ni
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    path: str
+    skipped: bool  # the cache already had its narinfo
+    nar_size: int = 0
+    file_size: int = 0
+
+
+async def upload_path(
+    info: PathInfo,
+    backend: Backend,
+    key: SecretKey,
+    compression: str,
+    level: int,
+    staging_dir: Path,
+) -> Uploaded:
+    """Upload one path whose references are already in the cache. Raises on failure (nothing published)."""
+    ni_key = narinfo.narinfo_key(info.path)
+    if await backend.exists(ni_key):
+        return Uploaded(info.path, skipped=True)
+    staged = await asyncio.to_thread(stage_nar, info, compression, level, staging_dir)
+    try:
+        ni = make_narinfo(info, staged, compression, key)
+        await backend.put_stream(ni.url, staged.blob, NAR_CONTENT_TYPE)
+        await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
+    finally:
+        staged.discard()
+    return Uploaded(info.path, skipped=False, nar_size=staged.nar_size, file_size=staged.blob.size)
