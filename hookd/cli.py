@@ -101,5 +101,19 @@ def keygen(name: str, secret_key_file: Path, public_key_file: Path) -> None:
     click.echo(f"trusted-public-keys = {key.public}")
 
 
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the temp directory (stores, cache, logs) for a look.")
+def selftest(keep: bool) -> None:
+    """End to end on a private Nix: build as an unprivileged user, upload, substitute with signatures."""
+    from . import selftest as st
+
+    try:
+        root = st.run(keep=keep)
+    except (st.CommandFailed, RuntimeError, TimeoutError, OSError) as e:
+        raise click.ClickException(f"self-test failed: {e}") from None
+    if keep:
+        click.echo(f"kept {root}")
+
+
 if __name__ == "__main__":
     main()

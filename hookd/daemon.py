@@ -376,7 +376,9 @@ class Daemon:
                     await self._ensure_cache_info()
                 free = self.cfg.max_parallel - len(self.inflight)
                 if free > 0:
-                    for info in await self.queue.ready(free, exclude=self.inflight):
+                    # finished but not yet recorded counts as busy too, or it would be picked again
+                    busy = set(self.inflight) | {o.path for o in self.outcomes}
+                    for info in await self.queue.ready(free, exclude=busy):
                         self.inflight[info.path] = asyncio.create_task(self._upload(info), name=info.path)
                 nxt = await self.queue.next_path_time()
                 timeout = 1.0 if nxt is None else max(0.01, min(1.0, nxt - time.time()))

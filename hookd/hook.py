@@ -86,6 +86,8 @@ def run(env: os._Environ[str] | dict[str, str]) -> str | None:
     request = req.encode()
     try:
         ok, detail = send(socket_path(env), request)
+    except TimeoutError:
+        ok, detail = False, f"no answer from {socket_path(env)} within {TIMEOUT:g} s"
     except OSError as e:
         ok, detail = False, f"cannot reach {socket_path(env)}: {e.strerror or e}"
     if ok:

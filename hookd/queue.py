@@ -130,7 +130,9 @@ class Queue:
         )
 
     async def plan(self, request_ids: Iterable[int], infos: dict[str, PathInfo]) -> int:
-        """Add the planned closure and mark the requests planned, in one transaction; returns new paths.
+        """Add the planned closure and mark the requests planned, in one transaction.
+
+        Returns how many paths were added or re-queued.
 
         A path already done stays done; a failed one is given a fresh start (it was asked for again).
         """
@@ -144,6 +146,7 @@ class Queue:
                 "info = excluded.info, updated = excluded.updated WHERE paths.state = 'failed'",
                 [(p, json.dumps(i.to_json()), now, now) for p, i in infos.items()],
             )
+            added = self.db.total_changes - before
             await self.db.executemany(
                 "INSERT OR IGNORE INTO refs (path, ref) VALUES (?, ?)",
                 [(p, r) for p, i in infos.items() for r in i.references if r != p],
@@ -156,7 +159,7 @@ class Queue:
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
-        return self.db.total_changes - before
+        return added
 
     # --- paths --------------------------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""Shared fixtures. The Nix fixtures start a private nix-daemon (see hookd.selftest) once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hookd import selftest
+from hookd.selftest import HookdProcess, NixEnv
+
+VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+if not VECTORS.exists():
+    VECTORS = Path(os.environ.get("HOOKD_VECTORS", "/work/shared/vectors"))
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    assert VECTORS.exists(), f"test vectors not found at {VECTORS} (set HOOKD_VECTORS)"
+    return VECTORS
+
+
+def _require_nix() -> None:
+    if os.geteuid() != 0 or not shutil.which("nix-daemon"):
+        pytest.fail(
+            "these tests need root and Debian's nix-bin (run .ci/run, which installs it)", pytrace=False
+        )
+
+
+@pytest.fixture(scope="session")
+def build_user() -> str:
+    _require_nix()
+    return selftest.ensure_user().pw_name
+
+
+@pytest.fixture(scope="session")
+def nixenv() -> Iterator[NixEnv]:
+    """A private nix-daemon whose post-build-hook is hookd-hook, talking to <root>/hookd."""
+    _require_nix()
+    root = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))
+    env = NixEnv(root, selftest.hook_command(), {"HOOKD_STATE_DIR": str(root / "hookd")})
+    env.start()
+    yield env
+    env.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+HookdFactory = Callable[..., HookdProcess]
+
+
+@pytest.fixture
+def hookd_factory(nixenv: NixEnv, tmp_path: Path) -> Iterator[HookdFactory]:
+    """Start hookd daemons on the state directory the hook talks to; each test gets fresh state."""
+    state = nixenv.root / "hookd"
+    shutil.rmtree(state, ignore_errors=True)
+    started: list[HookdProcess] = []
+
+    def make(cache: Path | None = None, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+             start: bool = True) -> HookdProcess:
+        proc = HookdProcess(nixenv, state, f"file://{cache or tmp_path / 'cache'}", args, env or {})
+        if start:
+            proc.start()
+        started.append(proc)
+        return proc
+
+    yield make
+    for p in started:
+        p.stop()
+    shutil.rmtree(state, ignore_errors=True)
