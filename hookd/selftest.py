@@ -185,6 +185,16 @@ class NixEnv:
         proc = _run(argv, env)
         if proc.returncode != 0:
             raise CommandFailed(argv, proc)
+        # Ask the fresh store itself, so that a realise that went to some other store cannot pass.
+        check = ["nix", "path-info", "--json", "--store", str(fresh_root / "root"), *paths]
+        proc = _run(check, env)
+        if proc.returncode != 0:
+            raise CommandFailed(check, proc)
+        data = json.loads(proc.stdout)
+        entries = data if isinstance(data, list) else [dict(v or {}, path=k) for k, v in data.items()]
+        valid = {str(e["path"]) for e in entries if e.get("narHash")}
+        if valid != set(paths):
+            raise RuntimeError(f"the fresh store lacks {sorted(set(paths) - valid)} after substitution")
 
     def verify_cache(self, paths: Sequence[str], cache_url: str, public_key: str) -> None:
         """`nix store verify` on the cache itself: NAR hashes and signatures of the closure of `paths`."""

@@ -1,0 +1,207 @@
+"""End to end with real Nix: an unprivileged user builds through a nix-daemon whose post-build-hook is
+hookd-hook; a hookd daemon uploads to a file:// cache; a fresh store substitutes with signatures required.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hookd import narinfo, signing
+from hookd.selftest import CHAIN_NIX, NixEnv, wait_for_narinfos
+
+from .conftest import HookdFactory
+
+ALL_OUTPUTS = ["top", "multi.out", "multi.dev", "multi.doc"]
+
+
+def salt() -> str:
+    return str(time.time_ns())
+
+
+def check_cache(nixenv: NixEnv, cache: Path, outs: list[str], public_key: str, fresh: Path) -> None:
+    closure = nixenv.closure(outs)
+    wait_for_narinfos(cache, closure)
+    nixenv.substitute_fresh(outs, f"file://{cache}", public_key, fresh)  # checks the fresh store has them
+    nixenv.verify_cache(outs, f"file://{cache}", public_key)
+
+
+def test_builds_are_uploaded_and_substitute(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    hookd = hookd_factory()
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    outs = nixenv.build(expr, ALL_OUTPUTS, user=build_user, args={"salt": salt()})
+    assert len(outs) == 4
+    names = [Path(p).name[33:] for p in nixenv.closure(outs[:1])]
+    assert sorted(names) == ["chain-a", "chain-b", "chain-c", "chain-top"]  # a chain four deep
+    cache = tmp_path / "cache"
+    check_cache(nixenv, cache, outs, hookd.public_key, tmp_path / "fresh")
+
+    assert (cache / "nix-cache-info").read_text() == f"StoreDir: {nixenv.store_dir}\nWantMassQuery: 1\nPriority: 50\n"
+    key = signing.PublicKey.parse(hookd.public_key)
+    for p in nixenv.closure(outs):
+        info = narinfo.parse((cache / narinfo.narinfo_key(p)).read_text())
+        assert info.compression == "zstd" and info.url.endswith(".nar.zst")
+        assert info.deriver and info.deriver.endswith(".drv")
+        assert len(info.sigs) == 1 and key.verify(info.fingerprint(), info.sigs[0])
+        assert narinfo.parse(info.render()) == info
+
+
+def test_daemon_down_during_builds_spools_then_uploads(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    hookd = hookd_factory()
+    hookd.stop()
+    assert not hookd.socket.exists()
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    outs = nixenv.build(expr, ALL_OUTPUTS, user=build_user, args={"salt": salt()})  # builds succeed
+    spooled = list((hookd.state_dir / "spool").glob("*.req"))
+    assert len(spooled) == 5  # one per derivation built: a, b, c, top, multi
+    cache = tmp_path / "cache"
+    assert not list(cache.glob("*.narinfo"))
+    hookd.start()
+    check_cache(nixenv, cache, outs, hookd.public_key, tmp_path / "fresh")
+    assert not list((hookd.state_dir / "spool").glob("*.req"))
+    assert "queued 5 spooled requests" in hookd.log()
+
+
+def test_path_modified_on_disk_is_refused(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    hookd = hookd_factory(start=False)
+    hookd.start()
+    hookd.stop()  # spool dir exists; the hook will spool
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    outs = nixenv.build(expr, ["multi.out", "multi.doc"], user=build_user, args={"salt": salt()})
+    victim = Path(outs[1])  # multi-doc: a regular file
+    victim.chmod(0o644)
+    victim.write_text("tampered\n")
+    hookd.start()
+    cache = tmp_path / "cache"
+    wait_for_narinfos(cache, nixenv.closure(outs[:1]))
+    deadline = time.monotonic() + 30
+    while "refused" not in hookd.log():
+        assert time.monotonic() < deadline, hookd.log()
+        time.sleep(0.1)
+    log = hookd.log()
+    assert f"refused {victim}: the contents on disk do not match" in log
+    assert "nix-store --verify-path" in log
+    assert not (cache / narinfo.narinfo_key(str(victim))).exists()
+    good_nars = {narinfo.parse(p.read_text()).url for p in cache.glob("*.narinfo")}
+    assert {f"nar/{n.name}" for n in (cache / "nar").iterdir()} == good_nars  # nothing else was written
+    db = sqlite3.connect(hookd.state_dir / "queue.sqlite")
+    state, error = db.execute("SELECT state, last_error FROM paths WHERE path = ?", (str(victim),)).fetchone()
+    assert state == "failed" and "do not match" in error
+
+
+WIDE_NIX = r"""
+{ salt, n ? 200 }:
+let
+  mk = i: derivation {
+    name = "wide-${toString i}";
+    inherit salt;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    deps = if i < 2 then [] else [ (mk (i / 2)) (mk (i / 3)) ];
+    args = [ "-c" "/bin/mkdir $out; /usr/bin/head -c 131072 /dev/urandom > $out/data; echo $deps > $out/deps" ];
+  };
+  all = builtins.genList (i: mk (i + 1)) n;
+in derivation {
+  name = "wide-top";
+  inherit salt all;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo $all > $out" ];
+}
+"""
+
+
+class InvariantWatcher(threading.Thread):
+    """Scans the cache over and over: every visible narinfo must have its NAR and its references."""
+
+    def __init__(self, cache: Path) -> None:
+        super().__init__(daemon=True)
+        self.cache = cache
+        self.stop = threading.Event()
+        self.violations: list[str] = []
+        self.scans = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for f in list(self.cache.glob("*.narinfo")):
+                info = narinfo.parse(f.read_text())
+                if not (self.cache / info.url).exists():
+                    self.violations.append(f"{f.name} visible before its NAR {info.url}")
+                for ref in info.references:
+                    if not (self.cache / f"{ref[:32]}.narinfo").exists():
+                        self.violations.append(f"{f.name} visible before its reference {ref}")
+            self.scans += 1
+
+
+def test_kill_9_mid_upload_loses_and_corrupts_nothing(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    hookd = hookd_factory(args=("--compression", "xz", "--max-parallel", "2"), start=False)
+    hookd.start()
+    hookd.stop()
+    expr = nixenv.write_expr("wide.nix", WIDE_NIX)
+    [top] = nixenv.build(expr, [], user=build_user, args={"salt": salt()})
+    closure = nixenv.closure([top])
+    assert len(closure) >= 201  # the 200 paths (plus wide-0, a reference of wide-2) and the top
+    watcher = InvariantWatcher(cache)
+    watcher.start()
+    try:
+        hookd.start()
+        deadline = time.monotonic() + 120
+        while len(list(cache.glob("*.narinfo"))) < 20:
+            assert time.monotonic() < deadline, hookd.log()
+            time.sleep(0.01)
+        hookd.stop(sig=9)
+        uploaded = len(list(cache.glob("*.narinfo")))
+        assert uploaded < 150, f"the upload finished ({uploaded}) before the kill; make paths bigger"
+        hookd.start()
+        wait_for_narinfos(cache, closure, timeout=300)
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    assert watcher.scans > 10
+    assert watcher.violations == []
+    nixenv.verify_cache([top], f"file://{cache}", hookd.public_key)
+
+
+@pytest.mark.parametrize("compression", ["xz", "none"])
+def test_other_compressions_substitute(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, compression: str
+) -> None:
+    hookd = hookd_factory(args=("--compression", compression))
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    outs = nixenv.build(expr, ["top"], user=build_user, args={"salt": salt()})
+    check_cache(nixenv, tmp_path / "cache", outs, hookd.public_key, tmp_path / "fresh")
+    info = narinfo.parse(next((tmp_path / "cache").glob("*.narinfo")).read_text())
+    assert info.compression == compression
+
+
+def test_keygen_key_is_accepted_by_nix(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    """A key from `hookd keygen` (not the generated default) signs narinfos that Nix trusts."""
+    from click.testing import CliRunner
+
+    from hookd.cli import main
+
+    sk, pk = tmp_path / "k.sec", tmp_path / "k.pub"
+    assert CliRunner().invoke(main, ["keygen", "keygen-test-1", "--secret-key-file", str(sk),
+                                     "--public-key-file", str(pk)]).exit_code == 0
+    hookd_factory(args=("--secret-key-file", str(sk)))
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    outs = nixenv.build(expr, ["multi.dev"], user=build_user, args={"salt": salt()})
+    check_cache(nixenv, tmp_path / "cache", outs, pk.read_text().strip(), tmp_path / "fresh")
+    assert os.stat(sk).st_mode & 0o077 == 0
