@@ -33,6 +33,7 @@ log = logging.getLogger("hookd")
 
 READ_TIMEOUT = 10.0
 SPOOL_POLL = 5.0
+PLAN_DELAY = 0.05  # gather the requests of a burst of builds into one `nix path-info` call
 SD_LISTEN_FDS_START = 3
 
 
@@ -122,7 +123,7 @@ class Daemon:
                 counts[FAILED],
                 counts["requests"],
             )
-            _sd_notify("READY=1\nSTATUS=queue: %d pending" % counts[PENDING])
+            _sd_notify(f"READY=1\nSTATUS=queue: {counts[PENDING]} pending")
             planner = asyncio.create_task(self._planner(), name="planner")
             scheduler = asyncio.create_task(self._scheduler(), name="scheduler")
             await self.stopping.wait()
@@ -140,10 +141,6 @@ class Daemon:
 
     def _prepare_dirs(self) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.cfg.spool_path.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.staging.mkdir(exist_ok=True, mode=0o700)
-        for leftover in self.staging.iterdir():
-            leftover.unlink(missing_ok=True)
         lock_path = self.cfg.state_dir / "lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -155,6 +152,10 @@ class Daemon:
                 f"(it holds {lock_path})"
             ) from None
         self._lock_fd = fd
+        self.cfg.spool_path.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.staging.mkdir(exist_ok=True, mode=0o700)
+        for leftover in self.staging.iterdir():  # staged NARs of a run that was killed
+            leftover.unlink(missing_ok=True)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -204,7 +205,7 @@ class Daemon:
     async def _drain_inflight(self) -> None:
         tasks = list(self.inflight.values())
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=self.cfg.shutdown_timeout)
+            _, pending = await asyncio.wait(tasks, timeout=self.cfg.shutdown_timeout)
             for t in pending:
                 t.cancel()
             if pending:
@@ -324,6 +325,7 @@ class Daemon:
                 await _wait(self.plan_wake, timeout)
                 if not self.stopping.is_set():
                     await self.drain_spool()
+                    await _wait(self.stopping, PLAN_DELAY, clear=False)
             except Exception:
                 log.exception("planner error; retrying in %gs", SPOOL_POLL)
                 await _wait(self.stopping, SPOOL_POLL, clear=False)

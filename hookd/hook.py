@@ -98,7 +98,7 @@ def run(env: os._Environ[str] | dict[str, str]) -> str | None:
     except OSError as e:
         return (
             f"hookd-hook: LOST {req.drv or ' '.join(req.outs)}: daemon: {detail}; spool {where}: "
-            f"{e.strerror or e} (start hookd or fix the spool directory, then `hookd push` these paths)"
+            f"{e.strerror or e} (these paths were not queued: start hookd or fix its spool directory)"
         )
     return f"hookd-hook: daemon: {detail}; spooled to {spooled}"
 
@@ -109,7 +109,7 @@ def main() -> None:
     except BaseException as e:
         message = f"hookd-hook: internal error {type(e).__name__}: {e}"
     if message:
-        try:
+        try:  # noqa: SIM105 - contextlib is one import too many here
             print(message, file=sys.stderr, flush=True)
         except OSError:
             pass

@@ -224,7 +224,7 @@ def _serialise(node: Node, out: list[bytes]) -> None:
     out.append(_token(b")"))
 
 
-def restore(node: Node, path: str | os.PathLike[str]) -> None:
+def restore(node: Node, path: str | bytes | os.PathLike[str]) -> None:
     """Write an in-memory tree to disk at `path` (which must not exist)."""
     p = os.fsencode(path)
     if isinstance(node, Regular):

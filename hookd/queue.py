@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -114,9 +115,14 @@ class Queue:
         )
         return [Request(r[0], r[1], tuple(r[2].split()), r[3], r[4]) for r in rows]
 
+    async def _scalar(self, sql: str, args: tuple[object, ...] = ()) -> Any:
+        cur = await self.db.execute(sql, args)
+        row = await cur.fetchone()
+        return row[0] if row else None
+
     async def next_request_time(self) -> float | None:
-        rows = await self.db.execute_fetchall("SELECT MIN(next_try) FROM requests WHERE state = 'new'")
-        return rows[0][0] if rows and rows[0][0] is not None else None
+        value = await self._scalar("SELECT MIN(next_try) FROM requests WHERE state = 'new'")
+        return float(value) if value is not None else None
 
     async def retry_requests(self, ids: Iterable[int], error: str, next_try: float) -> None:
         await self.db.executemany(
@@ -183,8 +189,8 @@ class Queue:
         return out
 
     async def next_path_time(self) -> float | None:
-        rows = await self.db.execute_fetchall("SELECT MIN(next_try) FROM paths WHERE state = 'pending'")
-        return rows[0][0] if rows and rows[0][0] is not None else None
+        value = await self._scalar("SELECT MIN(next_try) FROM paths WHERE state = 'pending'")
+        return float(value) if value is not None else None
 
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Record a batch of attempt outcomes in one transaction."""
@@ -208,20 +214,19 @@ class Queue:
             raise
 
     async def attempts(self, path: str) -> int:
-        rows = await self.db.execute_fetchall("SELECT attempts FROM paths WHERE path = ?", (path,))
-        return int(rows[0][0]) if rows else 0
+        return int(await self._scalar("SELECT attempts FROM paths WHERE path = ?", (path,)) or 0)
 
     async def counts(self) -> dict[str, int]:
         rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM paths GROUP BY state")
         out = {PENDING: 0, DONE: 0, FAILED: 0}
         out.update({r[0]: r[1] for r in rows})
-        rows = await self.db.execute_fetchall("SELECT COUNT(*) FROM requests WHERE state = 'new'")
-        out["requests"] = rows[0][0]
+        out["requests"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
         return out
 
     async def path_row(self, path: str) -> dict[str, object] | None:
         cur = await self.db.execute(
-            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size FROM paths WHERE path = ?",
+            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size "
+            "FROM paths WHERE path = ?",
             (path,),
         )
         row = await cur.fetchone()

@@ -36,7 +36,8 @@ let
   a = mk "chain-a" "echo a-$salt > $out";
   b = mk "chain-b" "echo b-$salt ${a} > $out";
   c = mk "chain-c" "/bin/mkdir $out; echo ${b} > $out/dep; /bin/ln -s ${a} $out/a";
-  top = mk "chain-top" "/bin/mkdir -p $out/bin; printf '#!/bin/sh\necho ${c}\n' > $out/bin/top; /bin/chmod +x $out/bin/top";
+  top = mk "chain-top"
+    "/bin/mkdir -p $out/bin; printf '#!/bin/sh\necho ${c}\n' > $out/bin/top; /bin/chmod +x $out/bin/top";
   multi = derivation {
     name = "multi";
     inherit salt;
@@ -73,7 +74,9 @@ def ensure_user(name: str = BUILD_USER) -> pwd.struct_passwd:
 class NixEnv:
     """A private Nix: store, state, config and nix-daemon under `root`."""
 
-    def __init__(self, root: Path, post_build_hook: str | None = None, hook_env: Mapping[str, str] = {}) -> None:
+    def __init__(
+        self, root: Path, post_build_hook: str | None = None, hook_env: Mapping[str, str] = {}
+    ) -> None:
         self.root = root
         self.store_dir = str(root / "nix" / "store")
         self.state_dir = root / "nix" / "var" / "nix"
@@ -126,7 +129,9 @@ class NixEnv:
         deadline = time.monotonic() + 20
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nix-daemon did not start; see {self.log_file}:\n{self.log_file.read_text()}")
+                raise RuntimeError(
+                    f"nix-daemon did not start; see {self.log_file}:\n{self.log_file.read_text()}"
+                )
             time.sleep(0.05)
         self.socket.chmod(0o666)
 
@@ -139,7 +144,9 @@ class NixEnv:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def nix(self, *argv: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def nix(
+        self, *argv: str, user: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         proc = _run(argv, self.env, **({"user": user} if user else {}))
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc)
@@ -168,7 +175,9 @@ class NixEnv:
     def closure(self, paths: Iterable[str]) -> list[str]:
         return sorted(str(i["path"]) for i in self.path_info(paths, recursive=True))
 
-    def substitute_fresh(self, paths: Sequence[str], cache_url: str, public_key: str, fresh_root: Path) -> None:
+    def substitute_fresh(
+        self, paths: Sequence[str], cache_url: str, public_key: str, fresh_root: Path
+    ) -> None:
         """Realise `paths` in a new store at `fresh_root` from `cache_url` alone: signatures required,
         builds forbidden. Raises CommandFailed if Nix cannot."""
         conf = fresh_root / "etc"
@@ -199,7 +208,17 @@ class NixEnv:
     def verify_cache(self, paths: Sequence[str], cache_url: str, public_key: str) -> None:
         """`nix store verify` on the cache itself: NAR hashes and signatures of the closure of `paths`."""
         env = dict(self.env, NIX_REMOTE="")
-        argv = ["nix", "store", "verify", "--store", cache_url, "--trusted-public-keys", public_key, "-r", *paths]
+        argv = [
+            "nix",
+            "store",
+            "verify",
+            "--store",
+            cache_url,
+            "--trusted-public-keys",
+            public_key,
+            "-r",
+            *paths,
+        ]
         proc = _run(argv, env)
         if proc.returncode != 0:
             raise CommandFailed(argv, proc)
@@ -278,8 +297,16 @@ def wait_for_narinfos(cache_dir: Path, paths: Iterable[str], timeout: float = 12
         time.sleep(0.1)
 
 
-def hook_command() -> str:
+def console_hook() -> str:
+    """The `hookd-hook` console script beside this interpreter."""
     return shutil.which("hookd-hook", path=os.path.dirname(sys.executable)) or "hookd-hook"
+
+
+def install_launcher(dest: Path) -> str:
+    """Write the fast hook launcher (`hookd install-hook`) to `dest`; returns its path."""
+    hookd = shutil.which("hookd", path=os.path.dirname(sys.executable)) or "hookd"
+    subprocess.run([hookd, "install-hook", str(dest)], check=True, capture_output=True)
+    return str(dest)
 
 
 def run(keep: bool = False, echo: bool = True) -> Path:
@@ -297,7 +324,8 @@ def run(keep: bool = False, echo: bool = True) -> Path:
     user = ensure_user()
     state = root / "hookd"
     cache = root / "cache"
-    nix = NixEnv(root, hook_command(), {"HOOKD_STATE_DIR": str(state)})
+    root.chmod(0o755)
+    nix = NixEnv(root, install_launcher(root / "hookd-hook"), {"HOOKD_STATE_DIR": str(state)})
     hookd = HookdProcess(nix, state, f"file://{cache}")
     try:
         say(f"private Nix store {nix.store_dir}, cache {cache}")

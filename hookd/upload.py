@@ -48,7 +48,7 @@ class _Identity:
 
 def compressor(kind: str, level: int) -> _Compressor:
     if kind == "zstd":
-        return pyzstd.ZstdCompressor(level)  # type: ignore[no-any-return]
+        return pyzstd.ZstdCompressor(level)
     if kind == "xz":
         return lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=level)
     if kind == "none":

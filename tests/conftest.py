@@ -42,7 +42,7 @@ def nixenv() -> Iterator[NixEnv]:
     """A private nix-daemon whose post-build-hook is hookd-hook, talking to <root>/hookd."""
     _require_nix()
     root = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))
-    env = NixEnv(root, selftest.hook_command(), {"HOOKD_STATE_DIR": str(root / "hookd")})
+    env = NixEnv(root, selftest.install_launcher(root / "hookd-hook"), {"HOOKD_STATE_DIR": str(root / "hookd")})
     env.start()
     yield env
     env.stop()
@@ -59,8 +59,12 @@ def hookd_factory(nixenv: NixEnv, tmp_path: Path) -> Iterator[HookdFactory]:
     shutil.rmtree(state, ignore_errors=True)
     started: list[HookdProcess] = []
 
-    def make(cache: Path | None = None, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-             start: bool = True) -> HookdProcess:
+    def make(
+        cache: Path | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> HookdProcess:
         proc = HookdProcess(nixenv, state, f"file://{cache or tmp_path / 'cache'}", args, env or {})
         if start:
             proc.start()

@@ -43,7 +43,9 @@ def test_builds_are_uploaded_and_substitute(
     cache = tmp_path / "cache"
     check_cache(nixenv, cache, outs, hookd.public_key, tmp_path / "fresh")
 
-    assert (cache / "nix-cache-info").read_text() == f"StoreDir: {nixenv.store_dir}\nWantMassQuery: 1\nPriority: 50\n"
+    assert (
+        cache / "nix-cache-info"
+    ).read_text() == f"StoreDir: {nixenv.store_dir}\nWantMassQuery: 1\nPriority: 50\n"
     key = signing.PublicKey.parse(hookd.public_key)
     for p in nixenv.closure(outs):
         info = narinfo.parse((cache / narinfo.narinfo_key(p)).read_text())
@@ -109,7 +111,8 @@ let
     system = builtins.currentSystem;
     builder = "/bin/sh";
     deps = if i < 2 then [] else [ (mk (i / 2)) (mk (i / 3)) ];
-    args = [ "-c" "/bin/mkdir $out; /usr/bin/head -c 131072 /dev/urandom > $out/data; echo $deps > $out/deps" ];
+    args = [ "-c"
+      "/bin/mkdir $out; /usr/bin/head -c 131072 /dev/urandom > $out/data; echo $deps > $out/deps" ];
   };
   all = builtins.genList (i: mk (i + 1)) n;
 in derivation {
@@ -198,8 +201,12 @@ def test_keygen_key_is_accepted_by_nix(
     from hookd.cli import main
 
     sk, pk = tmp_path / "k.sec", tmp_path / "k.pub"
-    assert CliRunner().invoke(main, ["keygen", "keygen-test-1", "--secret-key-file", str(sk),
-                                     "--public-key-file", str(pk)]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(main, ["keygen", "keygen-test-1", "--secret-key-file", str(sk), "--public-key-file", str(pk)])
+        .exit_code
+        == 0
+    )
     hookd_factory(args=("--secret-key-file", str(sk)))
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     outs = nixenv.build(expr, ["multi.dev"], user=build_user, args={"salt": salt()})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hookd import config, hook, keys, nixbase32, protocol, signing
+from hookd import config, keys, nixbase32, protocol, signing
 from hookd.backends import Blob
 from hookd.backends.file import FileBackend
 from hookd.cli import main
@@ -60,8 +60,17 @@ def test_protocol_rejects(line: bytes, message: str) -> None:
 
 
 def test_path_info_old_shape() -> None:
-    data = [{"path": B, "narHash": H, "narSize": 168, "references": [A], "deriver": A + ".drv",
-             "signatures": ["k:sig"], "valid": True}]
+    data = [
+        {
+            "path": B,
+            "narHash": H,
+            "narSize": 168,
+            "references": [A],
+            "deriver": A + ".drv",
+            "signatures": ["k:sig"],
+            "valid": True,
+        }
+    ]
     info = parse_path_info(data, SD)[B]
     assert info.nar_hash == nixbase32.parse_hash(H) and info.nar_size == 168
     assert info.references == (A,) and info.deriver == A + ".drv" and info.sigs == ("k:sig",)
@@ -84,8 +93,14 @@ def test_path_info_structured_shape() -> None:
             "narHash": {"algorithm": "sha256", "format": "base64", "hash": base64.b64encode(digest).decode()},
             "narSize": 168,
             "references": [A.rsplit("/", 1)[1]],
-            "ca": {"method": "nar", "hash": {"algorithm": "sha256", "format": "base64",
-                                             "hash": base64.b64encode(digest).decode()}},
+            "ca": {
+                "method": "nar",
+                "hash": {
+                    "algorithm": "sha256",
+                    "format": "base64",
+                    "hash": base64.b64encode(digest).decode(),
+                },
+            },
         }
     }
     info = parse_path_info(data, SD)[B]
@@ -104,16 +119,23 @@ def test_config_precedence(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text('cache = "file:///a"\ncompression = "xz"\nmax-parallel = 3\nallowed_uids = [0, 1000]\n')
     cfg = config.load(f, env={"HOOKD_COMPRESSION": "none"}, overrides={"max_parallel": 5}).validate()
-    assert (cfg.cache, cfg.compression, cfg.max_parallel, cfg.allowed_uids) == ("file:///a", "none", 5, [0, 1000])
+    assert (cfg.cache, cfg.compression, cfg.max_parallel, cfg.allowed_uids) == (
+        "file:///a",
+        "none",
+        5,
+        [0, 1000],
+    )
     assert cfg.socket_path == config.DEFAULT_STATE_DIR / "hookd.sock"
 
 
 @pytest.mark.parametrize(
     ("toml", "message"),
-    [('cache = "file:///a"\nbogus = 1\n', "unknown setting 'bogus'"),
-     ('cache = "file:///a"\ncompression = "lz4"\n', "compression 'lz4'"),
-     ('cache = "file:///a"\nmax_parallel = "many"\n', "max_parallel"),
-     ("compression = \n", "config file")],
+    [
+        ('cache = "file:///a"\nbogus = 1\n', "unknown setting 'bogus'"),
+        ('cache = "file:///a"\ncompression = "lz4"\n', "compression 'lz4'"),
+        ('cache = "file:///a"\nmax_parallel = "many"\n', "max_parallel"),
+        ("compression = \n", "config file"),
+    ],
 )
 def test_config_errors(tmp_path: Path, toml: str, message: str) -> None:
     f = tmp_path / "c.toml"
@@ -124,12 +146,16 @@ def test_config_errors(tmp_path: Path, toml: str, message: str) -> None:
 
 def test_keygen_cli(tmp_path: Path) -> None:
     sk, pk = tmp_path / "sk", tmp_path / "pk"
-    result = CliRunner().invoke(main, ["keygen", "cache-1", "--secret-key-file", str(sk), "--public-key-file", str(pk)])
+    result = CliRunner().invoke(
+        main, ["keygen", "cache-1", "--secret-key-file", str(sk), "--public-key-file", str(pk)]
+    )
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(sk.stat().st_mode) == 0o600
     secret = keys.load_secret_key(sk)
     assert secret.name == "cache-1" and str(secret.public) == pk.read_text()
-    again = CliRunner().invoke(main, ["keygen", "x", "--secret-key-file", str(sk), "--public-key-file", str(tmp_path / "o")])
+    again = CliRunner().invoke(
+        main, ["keygen", "x", "--secret-key-file", str(sk), "--public-key-file", str(tmp_path / "o")]
+    )
     assert again.exit_code != 0 and "refusing to overwrite" in again.output
     assert keys.load_secret_key(sk) == secret
 
@@ -146,14 +172,23 @@ def test_secret_key_permissions(tmp_path: Path) -> None:
 
 
 def test_hook_imports_only_the_standard_library() -> None:
-    code = "import sys; before = set(sys.modules); import hookd.hook; print(sorted(set(sys.modules) - before))"
-    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() in ("['hookd', 'hookd.hook', 'hookd.protocol']", "['_socket', 'hookd', 'hookd.hook', 'hookd.protocol']")
+    code = (
+        "import sys; before = set(sys.modules); import hookd.hook; print(sorted(set(sys.modules) - before))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() in (
+        "['hookd', 'hookd.hook', 'hookd.protocol']",
+        "['_socket', 'hookd', 'hookd.hook', 'hookd.protocol']",
+    )
 
 
 def run_hook(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full = {"PATH": os.environ["PATH"], **env}
-    return subprocess.run([sys.executable, "-m", "hookd.hook"], env=full, capture_output=True, text=True, timeout=10)
+    return subprocess.run(
+        [sys.executable, "-m", "hookd.hook"], env=full, capture_output=True, text=True, timeout=10
+    )
 
 
 def test_hook_spools_without_daemon(tmp_path: Path) -> None:
