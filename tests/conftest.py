@@ -42,7 +42,9 @@ def nixenv() -> Iterator[NixEnv]:
     """A private nix-daemon whose post-build-hook is hookd-hook, talking to <root>/hookd."""
     _require_nix()
     root = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))
-    env = NixEnv(root, selftest.install_launcher(root / "hookd-hook"), {"HOOKD_STATE_DIR": str(root / "hookd")})
+    env = NixEnv(
+        root, selftest.install_launcher(root / "hookd-hook"), {"HOOKD_STATE_DIR": str(root / "hookd")}
+    )
     env.start()
     yield env
     env.stop()

@@ -37,7 +37,7 @@ def timed(fn: Callable[[], object], runs: int, before: Callable[[], object] | No
 
 
 def pct(xs: list[float], p: float) -> float:
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * 1000
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] * 1000
 
 
 def main() -> None:
@@ -75,7 +75,9 @@ def main() -> None:
         )
         results["hook launcher, daemon up, small"] = timed(run_hook(small), args.runs)
         results["hook launcher, daemon up, 256 MiB"] = timed(run_hook(big), args.runs)
-        results["hookd-hook console script, daemon up, small"] = timed(run_hook(small, console_hook()), args.runs)
+        results["hookd-hook console script, daemon up, small"] = timed(
+            run_hook(small, console_hook()), args.runs
+        )
         hookd.stop()
         spool = state / "spool"
         results["hook launcher, daemon down (spool), small"] = timed(run_hook(small), args.runs)
@@ -85,8 +87,21 @@ def main() -> None:
 
         # The Nix manual's post-build-hook: nix copy to the cache, signing on the way.
         key = root / "key.sec"
-        subprocess.run([sys.executable, "-m", "hookd.cli", "keygen", "bench-1", "--secret-key-file", str(key),
-                        "--public-key-file", str(root / "key.pub")], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hookd.cli",
+                "keygen",
+                "bench-1",
+                "--secret-key-file",
+                str(key),
+                "--public-key-file",
+                str(root / "key.pub"),
+            ],
+            check=True,
+            capture_output=True,
+        )
         copy_cache = root / "copy-cache"
         copy_env = dict(nix.env, NIX_REMOTE="daemon")
 
@@ -113,8 +128,12 @@ def main() -> None:
     print(f"\nhook p99 / bare interpreter p99: {up_big / bare99:.2f}x (target <= 2x)")
     print(f"nix copy hook p50 / hookd-hook p99, 256 MiB: {copy_big / up_big:.0f}x (target >= 20x)")
     if args.json:
-        args.json.write_text(json.dumps({k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "n": len(v)}
-                                         for k, v in results.items()}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "n": len(v)} for k, v in results.items()},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":
