@@ -41,6 +41,8 @@ class Config:
     """Passed to Nix as --store when querying path info (for example 'daemon'); default: Nix's own."""
     max_parallel: int = 8
     """Paths uploaded at the same time."""
+    worker_nice: int = 10
+    """Added niceness of the threads that hash and compress NARs (builds and the hook come first)."""
     priority: int = 50
     """The Priority written to nix-cache-info."""
     allowed_uids: list[int] = field(default_factory=lambda: [0])

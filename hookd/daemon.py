@@ -332,6 +332,13 @@ class Daemon:
 
     async def _plan(self, reqs: Sequence[Request]) -> None:
         assert self.queue is not None
+        known = [r for r in reqs if r.outs and len(r.outs) <= 500 and await self.queue.all_done(r.outs)]
+        if known:  # already uploaded with their closures: no need to ask Nix
+            await self.queue.plan([r.id for r in known], {})
+            log.info("%d requests name only paths already uploaded", len(known))
+            reqs = [r for r in reqs if r not in known]
+            if not reqs:
+                return
         try:
             infos = await self._closure(reqs)
         except InvalidPathError as e:
@@ -389,7 +396,7 @@ class Daemon:
             except Exception as e:
                 failures += 1
                 delay = backoff(failures, self.cfg.retry_base, self.cfg.retry_max)
-                log.error("scheduler: %s (retry in %.0fs)", e, delay)
+                log.error("cache %s: %s (retry in %.0fs)", self.backend.url, e, delay)
                 await _wait(self.stopping, delay, clear=False)
 
     async def _ensure_cache_info(self) -> None:
@@ -397,6 +404,7 @@ class Daemon:
             text = narinfo.cache_info(self.cfg.store_dir, self.cfg.priority)
             await self.backend.put("nix-cache-info", text.encode(), "text/x-nix-cache-info")
             log.info("wrote nix-cache-info to %s", self.backend.url)
+        await self.backend.cleanup()
         self.cache_ready = True
 
     async def _flush_outcomes(self) -> None:
@@ -413,7 +421,13 @@ class Daemon:
         start = time.monotonic()
         try:
             res = await upload_path(
-                info, self.backend, self.key, self.cfg.compression, self.cfg.level, self.staging
+                info,
+                self.backend,
+                self.key,
+                self.cfg.compression,
+                self.cfg.level,
+                self.staging,
+                self.cfg.worker_nice,
             )
         except asyncio.CancelledError:
             raise

@@ -169,6 +169,16 @@ class Queue:
 
     # --- paths --------------------------------------------------------------------------------------
 
+    async def all_done(self, paths: Sequence[str]) -> bool:
+        """True if every path is already uploaded (then its closure is too: references go first)."""
+        if not paths:
+            return False
+        marks = ",".join("?" * len(paths))
+        n = await self._scalar(
+            f"SELECT COUNT(*) FROM paths WHERE state = 'done' AND path IN ({marks})", tuple(paths)
+        )
+        return int(n) == len(set(paths))
+
     async def ready(self, limit: int, exclude: Iterable[str] = ()) -> list[PathInfo]:
         """Pending paths whose retry time has come and whose references are all done, oldest first."""
         excluded = set(exclude)

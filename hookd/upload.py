@@ -9,11 +9,13 @@ key, before the first byte is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import lzma
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -22,11 +24,13 @@ import pyzstd
 
 from . import nar, narinfo, nixbase32, storepath
 from .backends import Backend, Blob
+from .backends.file import TMP_PREFIX
 from .signing import SecretKey
 from .store import PathInfo
 
 NAR_CONTENT_TYPE = "application/x-nix-nar"
 MEMORY_LIMIT = 8 << 20
+SYNC_EVERY = 16 << 20
 
 
 class NarMismatchError(Exception):
@@ -76,6 +80,7 @@ class _Spill:
         self.buf: BinaryIO = io.BytesIO()
         self.path: Path | None = None
         self.size = 0
+        self.synced = 0
         self.hash = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
@@ -84,11 +89,18 @@ class _Spill:
         self.hash.update(data)
         self.size += len(data)
         if self.path is None and self.size > self.limit:
-            fd, name = tempfile.mkstemp(prefix="nar-", dir=self.directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + "nar-", dir=self.directory)
             f = os.fdopen(fd, "w+b")
             f.write(self.buf.getvalue())  # type: ignore[attr-defined]
             self.buf, self.path = f, Path(name)
         self.buf.write(data)
+        if self.path is not None and self.size - self.synced >= SYNC_EVERY:
+            # Keep dirty pages few: one huge fsync at the end would stall every other fsync on the
+            # file system (the queue's commits, which the hook waits for) behind it.
+            self.buf.flush()
+            os.fdatasync(self.buf.fileno())
+            self.synced = self.size
 
     def finish(self) -> Blob:
         if self.path is None:
@@ -102,10 +114,32 @@ class _Spill:
             self.path.unlink(missing_ok=True)
 
 
+_niced = threading.local()
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Make this worker thread yield the CPU to builds and to the daemon's event loop.
+
+    On Linux, niceness is per thread: the event loop that answers the hook keeps its priority.
+    """
+    if nice and not getattr(_niced, "done", False):
+        with contextlib.suppress(OSError):
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            )
+        _niced.done = True
+
+
 def stage_nar(
-    info: PathInfo, compression: str, level: int, staging_dir: Path, memory_limit: int = MEMORY_LIMIT
+    info: PathInfo,
+    compression: str,
+    level: int,
+    staging_dir: Path,
+    memory_limit: int = MEMORY_LIMIT,
+    nice: int = 0,
 ) -> StagedNar:
     """Dump, hash, check and compress one store path (blocking: run it in a thread)."""
+    _lower_thread_priority(nice)
     nar_hash = hashlib.sha256()
     nar_size = 0
     comp = compressor(compression, level)
@@ -164,12 +198,14 @@ async def upload_path(
     compression: str,
     level: int,
     staging_dir: Path,
+    nice: int = 0,
 ) -> Uploaded:
     """Upload one path whose references are already in the cache. Raises on failure (nothing published)."""
     ni_key = narinfo.narinfo_key(info.path)
     if await backend.exists(ni_key):
         return Uploaded(info.path, skipped=True)
-    staged = await asyncio.to_thread(stage_nar, info, compression, level, staging_dir)
+    staging = backend.staging_dir() or staging_dir
+    staged = await asyncio.to_thread(stage_nar, info, compression, level, staging, MEMORY_LIMIT, nice)
     try:
         ni = make_narinfo(info, staged, compression, key)
         await backend.put_stream(ni.url, staged.blob, NAR_CONTENT_TYPE)

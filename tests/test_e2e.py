@@ -5,7 +5,9 @@ hookd-hook; a hookd daemon uploads to a file:// cache; a fresh store substitutes
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -147,8 +149,9 @@ class InvariantWatcher(threading.Thread):
             self.scans += 1
 
 
-def test_kill_9_mid_upload_loses_and_corrupts_nothing(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_stop_mid_upload_loses_and_corrupts_nothing(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, sig: int
 ) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -167,9 +170,15 @@ def test_kill_9_mid_upload_loses_and_corrupts_nothing(
         while len(list(cache.glob("*.narinfo"))) < 20:
             assert time.monotonic() < deadline, hookd.log()
             time.sleep(0.01)
-        hookd.stop(sig=9)
+        status = hookd.stop(sig=sig)
         uploaded = len(list(cache.glob("*.narinfo")))
         assert uploaded < 150, f"the upload finished ({uploaded}) before the kill; make paths bigger"
+        if sig == signal.SIGTERM:  # in-flight uploads finish, the rest stays queued, clean exit
+            assert status == 0, hookd.log()
+            assert "hookd stopped" in hookd.log()
+            db = sqlite3.connect(hookd.state_dir / "queue.sqlite")
+            [(pending,)] = db.execute("SELECT COUNT(*) FROM paths WHERE state = 'pending'").fetchall()
+            assert pending == len(closure) - uploaded
         hookd.start()
         wait_for_narinfos(cache, closure, timeout=300)
     finally:
@@ -212,3 +221,74 @@ def test_keygen_key_is_accepted_by_nix(
     outs = nixenv.build(expr, ["multi.dev"], user=build_user, args={"salt": salt()})
     check_cache(nixenv, tmp_path / "cache", outs, pk.read_text().strip(), tmp_path / "fresh")
     assert os.stat(sk).st_mode & 0o077 == 0
+
+
+def test_nar_writer_matches_nix_store_dump_on_real_paths(
+    nixenv: NixEnv, build_user: str, tmp_path: Path
+) -> None:
+    from hookd import nar
+
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    outs = nixenv.build(expr, ALL_OUTPUTS, user=build_user, args={"salt": salt()})
+    closure = nixenv.closure(outs)
+    assert len(closure) >= 7
+    for p in closure:
+        expected = subprocess.run(["nix-store", "--dump", p], env=nixenv.env, capture_output=True, check=True)
+        assert b"".join(nar.dump(p)) == expected.stdout, p
+
+
+BIG_NIX = r"""
+{ salt }:
+let
+  blob = i: derivation {
+    name = "blob-${toString i}";
+    inherit salt;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "/usr/bin/head -c 3000000 /dev/urandom > $out" ];
+  };
+in derivation {
+  name = "blobs";
+  inherit salt;
+  parts = map blob [ 1 2 3 ];
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo $parts > $out" ];
+}
+"""
+
+
+def test_full_disk_is_retried_until_there_is_room(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    """The cache lives on a 2 MiB file system: 3 MB NARs fail with ENOSPC, back off, and land once it
+    grows."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cache)], capture_output=True
+    )
+    assert mounted.returncode == 0, f"cannot mount a tmpfs for the full-disk test: {mounted.stderr!r}"
+    hookd = hookd_factory(
+        env={"HOOKD_RETRY_BASE": "0.2", "HOOKD_RETRY_MAX": "1", "HOOKD_COMPRESSION": "none"}, start=False
+    )
+    try:
+        hookd.start()
+        expr = nixenv.write_expr("big.nix", BIG_NIX)
+        [top] = nixenv.build(expr, [], user=build_user, args={"salt": salt()})
+        deadline = time.monotonic() + 60
+        while hookd.log().count("No space left on device") < 6:
+            assert time.monotonic() < deadline, hookd.log()
+            time.sleep(0.1)
+        assert hookd.proc is not None and hookd.proc.poll() is None
+        assert not (cache / narinfo.narinfo_key(top)).exists()  # its references are not there yet
+        for f in cache.glob("*.narinfo"):  # whatever is visible is whole
+            assert (cache / narinfo.parse(f.read_text()).url).exists()
+        db = sqlite3.connect(hookd.state_dir / "queue.sqlite")
+        rows = db.execute("SELECT state, attempts, last_error FROM paths WHERE attempts > 0").fetchall()
+        assert rows and all(r[0] == "pending" and "No space left" in r[2] for r in rows)
+        subprocess.run(["mount", "-o", "remount,size=64m", str(cache)], check=True)
+        check_cache(nixenv, cache, [top], hookd.public_key, tmp_path / "fresh")
+    finally:
+        hookd.stop()  # before the unmount
+        subprocess.run(["umount", "-l", str(cache)], check=False)

@@ -73,5 +73,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def stat(self, key: str) -> ObjectStat | None: ...
 
+    def staging_dir(self) -> Path | None:
+        """A directory on the same file system as the cache's NARs, when the backend is local.
+
+        A NAR staged there is committed with a link instead of a second copy (file:// only).
+        """
+        return None
+
+    async def cleanup(self) -> None:
+        """Remove what a killed uploader may have left behind (old temp files)."""
+        return None
+
     async def close(self) -> None:
         return None

@@ -8,16 +8,19 @@ before the narinfo that points at it is written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError
 
 TMP_PREFIX = ".hookd-tmp-"
+STALE_TMP = 3600.0  # seconds after which a temp file is surely a killed uploader's
 
 
 def _wrap(key: str, e: OSError) -> BackendError:
@@ -86,6 +89,21 @@ class FileBackend(Backend):
 
         await asyncio.to_thread(write)
 
+    def staging_dir(self) -> Path:
+        return self.root / "nar"
+
+    async def cleanup(self) -> None:
+        def remove_stale() -> None:
+            cutoff = time.time() - STALE_TMP
+            for d in (self.root, self.root / "nar"):
+                with contextlib.suppress(FileNotFoundError):
+                    for entry in os.scandir(d):
+                        if entry.name.startswith(TMP_PREFIX) and entry.stat().st_mtime < cutoff:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(entry.path)
+
+        await asyncio.to_thread(remove_stale)
+
     async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
         dest = self._path(key)
 
@@ -93,6 +111,8 @@ class FileBackend(Backend):
             try:
                 if dest.exists():
                     return False
+                if blob.path is not None and blob.path.parent == dest.parent:
+                    return self._commit_staged(blob.path, dest)
                 tmp = self._write_tmp(dest, blob)
                 try:
                     os.link(tmp, dest)
@@ -107,6 +127,22 @@ class FileBackend(Backend):
                 raise _wrap(key, e) from None
 
         return await asyncio.to_thread(write)
+
+    def _commit_staged(self, staged: Path, dest: Path) -> bool:
+        """Give a NAR staged in the destination directory its name: fsync, then link (never replace)."""
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(staged, 0o644)
+        try:
+            os.link(staged, dest)
+        except FileExistsError:
+            return False
+        self._sync_dir(dest.parent)
+        return True
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
         def scan() -> list[ObjectStat]:
