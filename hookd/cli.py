@@ -22,6 +22,9 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Their debug output carries request headers (signatures, access key ids): never let it through.
+    for noisy in ("botocore", "aiobotocore", "aiohttp", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def load_config(config_file: Path | None, **overrides: Any) -> Config:
@@ -73,7 +76,7 @@ def daemon(config_file: Path | None, log_level: str, **overrides: Any) -> None:
                 key.public,
             )
         key = load_secret_key(cfg.key_path)
-        backend = open_backend(cfg.cache)
+        backend = open_backend(cfg.cache, cfg)
     except (OSError, KeyFileError, KeyPermissionError, PermanentBackendError) as e:
         raise click.ClickException(str(e)) from None
     log.info("signing with key %s (public: %s)", key.name, key.public)

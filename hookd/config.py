@@ -49,6 +49,26 @@ class Config:
     """Peers (by SO_PEERCRED uid) allowed on the socket, besides the daemon's own user."""
     socket_group: str | None = None
     """Group that owns the socket (mode 0660)."""
+    max_bytes_in_flight: int = 512 << 20
+    """NAR bytes being staged or uploaded at once (a single larger path still goes, alone)."""
+    request_attempts: int = 6
+    """Tries per remote request (backoff with full jitter) before the path goes back to the queue."""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_connections: int = 32
+    """Connection pool size of a remote backend."""
+    multipart_threshold: int = 32 << 20
+    part_size: int = 16 << 20
+    part_concurrency: int = 4
+    """S3: NARs from this size go up as multipart uploads of part_size, this many parts at a time."""
+    s3_credentials_file: Path | None = None
+    """S3: an AWS shared-credentials file (default: botocore's chain: environment, profile, role)."""
+    http_token_file: Path | None = None
+    """HTTP: a file holding a bearer token."""
+    netrc_file: Path | None = None
+    """HTTP: basic-auth credentials for the cache's host."""
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
     shutdown_timeout: float = 20.0
     """On SIGTERM, how long in-flight uploads may take to finish."""
     retry_base: float = 2.0
@@ -108,6 +128,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return None
         if "Path" in kind:
             return Path(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
         if "list[int]" in kind:
             items = value.replace(",", " ").split() if isinstance(value, str) else value
             return [int(v) for v in items]

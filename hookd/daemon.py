@@ -18,7 +18,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from . import narinfo, protocol, storepath
@@ -72,6 +72,28 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+class ByteBudget:
+    """Bounds the NAR bytes being staged and uploaded at once (paths in flight are bounded apart)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        n = min(max(nbytes, 1), self.total)  # a path larger than the budget goes alone
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.total)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
 class Daemon:
     def __init__(self, cfg: Config, backend: Backend, store: Store, key: SecretKey) -> None:
         self.cfg = cfg
@@ -83,6 +105,7 @@ class Daemon:
         self.plan_wake = asyncio.Event()
         self.sched_wake = asyncio.Event()
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.bytes = ByteBudget(cfg.max_bytes_in_flight)
         self.outcomes: list[Outcome] = []
         self.cache_ready = False
         self.staging = cfg.state_dir / "staging"
@@ -420,15 +443,16 @@ class Daemon:
         assert self.queue is not None
         start = time.monotonic()
         try:
-            res = await upload_path(
-                info,
-                self.backend,
-                self.key,
-                self.cfg.compression,
-                self.cfg.level,
-                self.staging,
-                self.cfg.worker_nice,
-            )
+            async with self.bytes.hold(info.nar_size):
+                res = await upload_path(
+                    info,
+                    self.backend,
+                    self.key,
+                    self.cfg.compression,
+                    self.cfg.level,
+                    self.staging,
+                    self.cfg.worker_nice,
+                )
         except asyncio.CancelledError:
             raise
         except NarMismatchError as e:

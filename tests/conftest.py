@@ -13,6 +13,8 @@ import pytest
 from hookd import selftest
 from hookd.selftest import HookdProcess, NixEnv
 
+from .servers import Moto, Nginx
+
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 if not VECTORS.exists():
     VECTORS = Path(os.environ.get("HOOKD_VECTORS", "/work/shared/vectors"))
@@ -52,6 +54,30 @@ def nixenv() -> Iterator[NixEnv]:
 
 
 HookdFactory = Callable[..., HookdProcess]
+
+
+@pytest.fixture(scope="session")
+def servers_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="hks-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def moto(servers_dir: Path) -> Iterator[Moto]:
+    """moto's S3 server on 127.0.0.1 (a real HTTP server speaking S3)."""
+    server = Moto(servers_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nginx(servers_dir: Path) -> Iterator[Nginx]:
+    """nginx with WebDAV PUT/DELETE on 127.0.0.1, serving servers_dir/www."""
+    server = Nginx(servers_dir, servers_dir / "www")
+    yield server
+    server.stop()
 
 
 @pytest.fixture

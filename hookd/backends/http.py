@@ -1,0 +1,201 @@
+"""A binary cache on any HTTP server that accepts PUT (nginx WebDAV, Attic-less setups, Artifactory…),
+through aiohttp: HEAD, GET, PUT and DELETE with one connection pool, bounded timeouts and retries.
+
+Credentials (a bearer token file, a netrc file, or user:password in the URL) go into headers only and
+never into a log line or an error message: those name the method, the key and the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import netrc
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError
+from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
+
+CHUNK = 1 << 20
+RETRYABLE_STATUS = {408, 500, 502, 504}
+THROTTLE_STATUS = {429, 503}
+
+
+def redact(url: str) -> str:
+    """The URL without user info, query or fragment (safe to log)."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+class HttpBackend(Backend):
+    def __init__(
+        self,
+        url: str,
+        *,
+        token_file: Path | None = None,
+        netrc_file: Path | None = None,
+        tls_verify: bool = True,
+        ca_file: Path | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_connections: int = 32,
+        policy: RetryPolicy | None = None,
+        rate: AdaptiveRate | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        self.base = redact(url).rstrip("/")
+        self.url = self.base
+        self.headers: dict[str, str] = {}
+        if parts.username:
+            self.headers["Authorization"] = _basic(parts.username, parts.password or "")
+        if netrc_file is not None:
+            try:
+                entry = netrc.netrc(str(netrc_file)).authenticators(parts.hostname or "")
+            except (OSError, netrc.NetrcParseError) as e:
+                raise PermanentBackendError(f"netrc file {netrc_file}: {type(e).__name__}") from None
+            if entry is None:
+                raise PermanentBackendError(f"netrc file {netrc_file} has no entry for {parts.hostname}")
+            self.headers["Authorization"] = _basic(entry[0] or "", entry[2] or "")
+        if token_file is not None:
+            try:
+                token = token_file.read_text().strip()
+            except OSError as e:
+                raise PermanentBackendError(f"token file {token_file}: {e.strerror}") from None
+            self.headers["Authorization"] = f"Bearer {token}"
+        if not tls_verify:
+            self.ssl: ssl.SSLContext | bool = False
+        elif ca_file is not None:
+            self.ssl = ssl.create_default_context(cafile=str(ca_file))
+        else:
+            self.ssl = True
+        self.timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
+        self.max_connections = max_connections
+        self.policy = policy or RetryPolicy()
+        self.rate = rate or AdaptiveRate()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=self.ssl)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self.timeout, headers=self.headers
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _once(
+        self, method: str, key: str, data: object = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        what = f"{method} {self.base}/{key}"
+        try:
+            async with self._sess().request(
+                method, f"{self.base}/{key}", data=data, headers=headers, allow_redirects=False
+            ) as resp:
+                body = await resp.read() if method == "GET" and resp.status == 200 else b""
+                if method != "GET" or resp.status != 200:
+                    await resp.release()
+                status = resp.status
+                hdrs = {k.lower(): v for k, v in resp.headers.items()}
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            raise RetryableError(f"{what}: {type(e).__name__}{': ' + str(e) if _safe(e) else ''}") from None
+        if status in THROTTLE_STATUS:
+            raise RetryableError(f"{what}: HTTP {status}", True, parse_retry_after(hdrs.get("retry-after")))
+        if status in RETRYABLE_STATUS:
+            raise RetryableError(f"{what}: HTTP {status}", False, parse_retry_after(hdrs.get("retry-after")))
+        if status in (401, 403):
+            raise PermanentBackendError(f"{what}: HTTP {status} (check the cache's credentials)")
+        if status >= 400 and status != 404:
+            raise PermanentBackendError(f"{what}: HTTP {status}")
+        return status, body, hdrs
+
+    async def _request(
+        self, method: str, key: str, blob: Blob | bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        async def op() -> tuple[int, bytes, dict[str, str]]:
+            data: object = None
+            hdrs = dict(headers or {})
+            if isinstance(blob, bytes):
+                data = blob
+            elif blob is not None:
+                data = _chunks(blob)
+                hdrs["Content-Length"] = str(blob.size)
+            return await self._once(method, key, data, hdrs)
+
+        return await with_retries(f"{method} {key}", op, self.policy, self.rate)
+
+    async def exists(self, key: str) -> bool:
+        status, _, _ = await self._request("HEAD", key)
+        return status < 300
+
+    async def get(self, key: str) -> bytes | None:
+        status, body, _ = await self._request("GET", key)
+        return body if status == 200 else None
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        status, _, _ = await self._request("PUT", key, data, {"Content-Type": content_type})
+        if status == 404:
+            raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
+
+    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
+        if await self.exists(key):
+            return False
+        status, _, _ = await self._request("PUT", key, blob, {"Content-Type": content_type})
+        if status == 404:
+            raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
+        return True
+
+    async def delete(self, key: str) -> None:
+        await self._request("DELETE", key)
+
+    async def stat(self, key: str) -> ObjectStat | None:
+        status, _, hdrs = await self._request("HEAD", key)
+        if status >= 300:
+            return None
+        from email.utils import parsedate_to_datetime
+
+        try:
+            mtime = parsedate_to_datetime(hdrs.get("last-modified", "")).timestamp()
+        except (TypeError, ValueError):
+            mtime = 0.0
+        return ObjectStat(key, int(hdrs.get("content-length", 0)), mtime, hdrs.get("etag"))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
+        raise PermanentBackendError(f"{self.base}: listing an HTTP cache is not supported")
+        yield  # pragma: no cover
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _safe(e: BaseException) -> bool:
+    """Whether an aiohttp error's text is safe to show (it never holds more than host and port)."""
+    return isinstance(
+        e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
+    )
+
+
+async def _chunks(blob: Blob) -> AsyncIterator[bytes]:
+    if blob.data is not None:
+        yield blob.data
+        return
+    f = await asyncio.to_thread(blob.open)
+    try:
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            yield chunk
+    finally:
+        f.close()
+
+
+__all__ = ["BackendError", "HttpBackend", "redact"]

@@ -1,0 +1,300 @@
+"""A binary cache in an S3 bucket (AWS, MinIO, Garage, Ceph, R2…), through aiobotocore.
+
+Small NARs go up in one PUT (request budgets matter); large ones as a multipart upload whose parts are
+read from the staged file and sent concurrently, so memory holds at most `part_concurrency` parts. A
+multipart upload that fails is aborted. Credentials come from botocore's standard chain (environment,
+shared profile, instance role) or an explicit credentials file, and never appear in logs or errors:
+those carry the operation, the key and S3's error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from .base import Backend, Blob, ObjectStat, PermanentBackendError
+from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
+
+log = logging.getLogger("hookd.backend")
+
+MIN_PART = 5 << 20
+MAX_PARTS = 10_000
+THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "TooManyRequestsException",
+    "RequestThrottled",
+    "ServiceUnavailable",
+}
+RETRY_CODES = {
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "IncompleteBody",
+    "500",
+    "502",
+    "503",
+    "504",
+    "BadDigest",
+}
+NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3Backend(Backend):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        region: str | None = None,
+        endpoint: str | None = None,
+        profile: str | None = None,
+        addressing: str = "auto",
+        storage_class: str | None = None,
+        credentials_file: Path | None = None,
+        multipart_threshold: int = 32 << 20,
+        part_size: int = 16 << 20,
+        part_concurrency: int = 4,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_connections: int = 32,
+        policy: RetryPolicy | None = None,
+        rate: AdaptiveRate | None = None,
+    ) -> None:
+        if addressing not in ("auto", "path", "virtual"):
+            raise PermanentBackendError(f"S3 addressing {addressing!r}: expected path or virtual")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.region = region
+        self.endpoint = endpoint
+        self.profile = profile
+        self.addressing = addressing
+        self.storage_class = storage_class
+        self.credentials_file = credentials_file
+        self.multipart_threshold = max(multipart_threshold, MIN_PART)
+        self.part_size = max(part_size, MIN_PART)
+        self.part_concurrency = max(1, part_concurrency)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.policy = policy or RetryPolicy()
+        self.rate = rate or AdaptiveRate()
+        self._ctx: Any = None
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _c(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                from aiobotocore.config import AioConfig
+                from aiobotocore.session import AioSession
+
+                session = AioSession(profile=self.profile)
+                if self.credentials_file is not None:
+                    session.set_config_variable("credentials_file", str(self.credentials_file))
+                config = AioConfig(
+                    s3={"addressing_style": self.addressing},
+                    retries={"total_max_attempts": 1},  # ours, with jitter and an adaptive rate
+                    connect_timeout=self.connect_timeout,
+                    read_timeout=self.read_timeout,
+                    max_pool_connections=self.max_connections,
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                )
+                self._ctx = session.create_client(
+                    "s3", region_name=self.region, endpoint_url=self.endpoint, config=config
+                )
+                self._client = await self._ctx.__aenter__()
+            return self._client
+
+    async def close(self) -> None:
+        if self._ctx is not None:
+            await self._ctx.__aexit__(None, None, None)
+            self._ctx = self._client = None
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def _call(self, op: str, key: str, **kwargs: Any) -> Any:
+        """One S3 call with retries; returns None when the object does not exist (HEAD/GET)."""
+        what = f"S3 {op} {self.bucket}/{self._key(key)}"
+
+        async def once() -> Any:
+            client = await self._c()
+            try:
+                result = await getattr(client, op)(Bucket=self.bucket, **kwargs)
+                if op == "get_object":
+                    async with result["Body"] as body:
+                        return await body.read()
+                return result
+            except Exception as e:  # classified below; nothing here is a bug of ours
+                return _classify(what, e)
+
+        return await with_retries(what, once, self.policy, self.rate)
+
+    async def exists(self, key: str) -> bool:
+        return await self._call("head_object", key, Key=self._key(key)) is not None
+
+    async def get(self, key: str) -> bytes | None:
+        result = await self._call("get_object", key, Key=self._key(key))
+        return result if isinstance(result, bytes) else None
+
+    def _extra(self, content_type: str) -> dict[str, str]:
+        extra = {"ContentType": content_type}
+        if self.storage_class:
+            extra["StorageClass"] = self.storage_class
+        return extra
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await self._call("put_object", key, Key=self._key(key), Body=data, **self._extra(content_type))
+
+    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
+        if await self.exists(key):
+            return False
+        if blob.size < self.multipart_threshold:
+            data = blob.data if blob.data is not None else await asyncio.to_thread(_read_all, blob)
+            await self.put(key, data, content_type)
+        else:
+            await self._multipart(key, blob, content_type)
+        return True
+
+    async def _multipart(self, key: str, blob: Blob, content_type: str) -> None:
+        part_size = max(self.part_size, -(-blob.size // MAX_PARTS))
+        count = -(-blob.size // part_size)
+        created = await self._call(
+            "create_multipart_upload", key, Key=self._key(key), **self._extra(content_type)
+        )
+        upload_id = created["UploadId"]
+        gate = asyncio.Semaphore(self.part_concurrency)
+
+        async def send(n: int) -> dict[str, Any]:
+            async with gate:  # read inside the gate: memory holds at most part_concurrency parts
+                data = await asyncio.to_thread(_read_part, blob, n * part_size, part_size)
+                res = await self._call(
+                    "upload_part", key, Key=self._key(key), UploadId=upload_id, PartNumber=n + 1, Body=data
+                )
+                return {"PartNumber": n + 1, "ETag": res["ETag"]}
+
+        try:
+            tasks = [asyncio.create_task(send(n)) for n in range(count)]
+            try:
+                parts = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            try:
+                await self._call(
+                    "complete_multipart_upload", key, Key=self._key(key), UploadId=upload_id,
+                    MultipartUpload={"Parts": list(parts)},
+                )  # fmt: skip
+            except Exception:
+                # A completion whose answer was lost is retried into NoSuchUpload: the object is there.
+                done = await self.stat(key)
+                if done is None or done.size != blob.size:
+                    raise
+        except BaseException:
+            await asyncio.shield(self._abort(key, upload_id))
+            raise
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        """Abort a failed multipart upload, so its parts do not linger (and cost) in the bucket."""
+        what = f"S3 abort_multipart_upload {self.bucket}/{self._key(key)}"
+
+        async def once() -> Any:
+            client = await self._c()
+            try:
+                return await client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id
+                )
+            except Exception as e:
+                return _classify(what, e)
+
+        try:
+            await with_retries(what, once, RetryPolicy(attempts=max(5, self.policy.attempts)), self.rate)
+        except Exception as e:
+            log.warning(
+                "%s failed (%s); a bucket lifecycle rule for incomplete uploads will clean it up", what, e
+            )
+
+    async def delete(self, key: str) -> None:
+        await self._call("delete_object", key, Key=self._key(key))
+
+    async def stat(self, key: str) -> ObjectStat | None:
+        res = await self._call("head_object", key, Key=self._key(key))
+        if res is None:
+            return None
+        return ObjectStat(key, int(res["ContentLength"]), res["LastModified"].timestamp(), res.get("ETag"))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": self._key(prefix)}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._call("list_objects_v2", prefix, **kwargs)
+            for obj in page.get("Contents", []):
+                yield ObjectStat(
+                    obj["Key"][len(self.prefix) :],
+                    int(obj["Size"]),
+                    obj["LastModified"].timestamp(),
+                    obj.get("ETag"),
+                )
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+
+def _read_all(blob: Blob) -> bytes:
+    with blob.open() as f:
+        return f.read()
+
+
+def _read_part(blob: Blob, offset: int, size: int) -> bytes:
+    if blob.data is not None:
+        return blob.data[offset : offset + size]
+    with blob.open() as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def _classify(what: str, e: Exception) -> None:
+    """Turn a botocore/aiohttp exception into None (not found), RetryableError or PermanentBackendError."""
+    import aiohttp
+    import botocore.exceptions as bex
+
+    if isinstance(e, bex.ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        if code in NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
+            return None
+        if code in THROTTLE_CODES or status in (429, 503):
+            raise RetryableError(f"{what}: {code or status}", True, retry_after)
+        if code in RETRY_CODES or status >= 500:
+            raise RetryableError(f"{what}: {code or status}", False, retry_after)
+        hint = " (check the credentials and the bucket policy)" if status in (401, 403) else ""
+        raise PermanentBackendError(f"{what}: {code or status}{hint}")
+    if isinstance(e, bex.NoCredentialsError | bex.PartialCredentialsError | bex.ProfileNotFound):
+        raise PermanentBackendError(f"{what}: {type(e).__name__} (configure S3 credentials)")
+    if isinstance(
+        e,
+        bex.ConnectionError
+        | bex.HTTPClientError
+        | bex.ResponseStreamingError
+        | aiohttp.ClientError
+        | asyncio.TimeoutError
+        | ConnectionError,
+    ):
+        raise RetryableError(f"{what}: {type(e).__name__}")
+    raise PermanentBackendError(f"{what}: {type(e).__name__}")

@@ -1,0 +1,133 @@
+"""A fault-injecting, latency-adding HTTP reverse proxy for the tests and benchmarks.
+
+    python -m tests.faultproxy --port 8001 --upstream http://127.0.0.1:8000 --fault-rate 0.2 --log f.jsonl
+
+A `--fault-rate` share of requests fail: 500, 503, 429 (as S3 `SlowDown` with Retry-After when
+`--s3`), or a connection reset in the middle of the request body (PUT) or of the response body (GET).
+`--delay-ms` adds latency to every request. Every request is logged as a JSON line with its start and
+end times, decision and status, so tests can check what was injected and in what order objects became
+visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from typing import TextIO
+
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "content-length",
+    "expect",
+}
+S3_SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class Proxy:
+    def __init__(self, upstream: str, rate: float, delay: float, s3: bool, log: TextIO, seed: int) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.rate = rate
+        self.delay = delay
+        self.s3 = s3
+        self.log = log
+        self.rng = random.Random(seed)
+        self.session: ClientSession | None = None
+
+    def record(self, **fields: object) -> None:
+        self.log.write(json.dumps(fields) + "\n")
+        self.log.flush()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.session is None:
+            self.session = ClientSession(
+                connector=TCPConnector(limit=256), timeout=ClientTimeout(total=600), auto_decompress=False
+            )
+        start = time.time()
+        fault = self.rng.choice(["500", "503", "429", "reset"]) if self.rng.random() < self.rate else None
+        base = {
+            "method": request.method,
+            "path": request.path_qs,
+            "start": start,
+            "fault": fault,
+            "auth": "Authorization" in request.headers,  # whether, never what
+        }
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if fault == "reset" and request.method in ("PUT", "POST") and request.content_length:
+            await request.content.read(max(1, request.content_length // 2))
+            assert request.transport is not None
+            request.transport.abort()
+            self.record(**base, status="reset", end=time.time())
+            raise asyncio.CancelledError
+        body = await request.read()
+        if fault in ("500", "503", "429"):
+            status = int(fault)
+            headers = {}
+            payload = b"injected fault"
+            if status in (429, 503):
+                headers["Retry-After"] = "0"
+            if self.s3 and status in (429, 503):
+                payload, headers["Content-Type"] = S3_SLOWDOWN, "application/xml"
+            self.record(**base, status=status, end=time.time())
+            return web.Response(status=status, body=payload, headers=headers)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        async with self.session.request(
+            request.method, self.upstream + request.path_qs, data=body or None, headers=headers,
+            allow_redirects=False,
+        ) as up:  # fmt: skip
+            data = await up.read()
+            out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP}
+            if fault == "reset" and data:  # a response cut off in the middle of its body
+                resp = web.StreamResponse(status=up.status, headers=out_headers)
+                resp.content_length = len(data)
+                await resp.prepare(request)
+                await resp.write(data[: len(data) // 2])
+                assert request.transport is not None
+                request.transport.abort()
+                self.record(**base, status="reset", end=time.time())
+                return resp
+            if request.method == "HEAD":
+                resp = web.StreamResponse(status=up.status, headers=out_headers)
+                if "Content-Length" in up.headers:
+                    resp.content_length = int(up.headers["Content-Length"])
+                await resp.prepare(request)
+                self.record(**base, status=up.status, end=time.time())
+                return resp
+            self.record(**base, status=up.status, end=time.time())
+            return web.Response(status=up.status, body=data, headers=out_headers)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--upstream", required=True)
+    ap.add_argument("--fault-rate", type=float, default=0.0)
+    ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--s3", action="store_true")
+    ap.add_argument("--log", default="/dev/null")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    log = open(args.log, "a")  # noqa: SIM115 - open for the life of the process
+    proxy = Proxy(args.upstream, args.fault_rate, args.delay_ms / 1000, args.s3, log, args.seed)
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
