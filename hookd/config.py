@@ -69,6 +69,22 @@ class Config:
     """HTTP: basic-auth credentials for the cache's host."""
     tls_verify: bool = True
     tls_ca_file: Path | None = None
+    recheck_interval: float = 86400.0
+    """A path recorded as uploaded is trusted without asking the cache for this long (seconds)."""
+    refresh_interval: float = 86400.0
+    """A path asked for again has its narinfo's age reset at most this often (seconds), so GC
+    retention counts from when it was last needed."""
+    existence_concurrency: int = 32
+    """Existence checks (narinfo HEADs) in flight at once while planning."""
+    upstream_caches: list[str] = field(default_factory=list)
+    """Caches whose paths are not uploaded again (for example https://cache.nixos.org)."""
+    upstream_keys: list[str] = field(default_factory=list)
+    """Their key names (`cache.nixos.org-1`) or public keys (`name:base64`). A path signed by one in
+    the local store, or present in an upstream cache with such a signature, is skipped."""
+    skip_upstream: bool = True
+    """Turn off to upload everything, upstream paths included (a self-contained cache)."""
+    upstream_positive_ttl: float = 86400.0
+    upstream_negative_ttl: float = 3600.0
     shutdown_timeout: float = 20.0
     """On SIGTERM, how long in-flight uploads may take to finish."""
     retry_base: float = 2.0
@@ -136,6 +152,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
+        if "list[str]" in kind:
+            return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
         if "list[int]" in kind:
             items = value.replace(",", " ").split() if isinstance(value, str) else value
             return [int(v) for v in items]

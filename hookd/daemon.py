@@ -24,9 +24,10 @@ from pathlib import Path
 from . import narinfo, protocol, storepath
 from .backends import Backend, BackendError
 from .config import Config
+from .planner import Planner
 from .queue import DONE, FAILED, PENDING, Outcome, Queue, Request
 from .signing import SecretKey
-from .store import InvalidPathError, PathInfo, Store, StoreError
+from .store import PathInfo, Store
 from .upload import NarMismatchError, upload_path
 
 log = logging.getLogger("hookd")
@@ -101,6 +102,7 @@ class Daemon:
         self.store = store
         self.key = key
         self.queue: Queue | None = None
+        self.planner: Planner | None = None
         self.stopping = asyncio.Event()
         self.plan_wake = asyncio.Event()
         self.sched_wake = asyncio.Event()
@@ -131,8 +133,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
         self._prepare_dirs()
         self.queue = await Queue.open(self.cfg.db_path, self.cfg.store_dir)
+        self.planner = Planner(self.cfg, self.queue, self.store, self.backend)
         try:
             await self._start_server()
             await self.drain_spool()
@@ -158,6 +162,8 @@ class Daemon:
             await self._stop_server()
             if self.queue is not None:
                 await self.queue.close()
+            if self.planner is not None:
+                await self.planner.close()
             await self.backend.close()
             self._release_lock()
         log.info("hookd stopped")
@@ -354,47 +360,13 @@ class Daemon:
                 await _wait(self.stopping, SPOOL_POLL, clear=False)
 
     async def _plan(self, reqs: Sequence[Request]) -> None:
-        assert self.queue is not None
-        known = [r for r in reqs if r.outs and len(r.outs) <= 500 and await self.queue.all_done(r.outs)]
-        if known:  # already uploaded with their closures: no need to ask Nix
-            await self.queue.plan([r.id for r in known], {})
-            log.info("%d requests name only paths already uploaded", len(known))
-            reqs = [r for r in reqs if r not in known]
-            if not reqs:
-                return
-        try:
-            infos = await self._closure(reqs)
-        except InvalidPathError as e:
-            if len(reqs) > 1:
-                for r in reqs:  # find the bad request without holding up the good ones
-                    await self._plan([r])
-                return
-            log.error("request %d failed: %s", reqs[0].id, e)
-            await self.queue.fail_request(reqs[0].id, str(e))
-            return
-        except StoreError as e:
-            delay = backoff(min(r.attempts for r in reqs), self.cfg.retry_base, self.cfg.retry_max)
-            log.warning("cannot plan %d requests yet: %s (retry in %.0fs)", len(reqs), e, delay)
-            await self.queue.retry_requests([r.id for r in reqs], str(e), time.time() + delay)
-            return
-        added = await self.queue.plan([r.id for r in reqs], infos)
-        log.info("planned %d requests: closure of %d paths, %d to upload", len(reqs), len(infos), added)
-        self.sched_wake.set()
-
-    async def _closure(self, reqs: Sequence[Request]) -> dict[str, PathInfo]:
-        roots: list[str] = []
-        drvs: list[str] = []
-        for r in reqs:
-            if r.outs:
-                roots.extend(r.outs)
-            elif r.drv:
-                drvs.append(r.drv)
-        if drvs:
-            outs = await self.store.outputs(drvs)
-            roots.extend(o for o in outs if os.path.lexists(o))
-        if not roots:
-            return {}
-        return await self.store.closure(dict.fromkeys(roots))
+        assert self.planner is not None
+        plan = await self.planner.plan(reqs)
+        if self.planner.new_cache:
+            self.planner.new_cache = False
+            self.cache_ready = False  # a new or emptied cache needs its nix-cache-info again
+        if plan is not None:
+            self.sched_wake.set()
 
     # --- uploading ----------------------------------------------------------------------------------
 
@@ -477,19 +449,11 @@ class Daemon:
             )
             self.outcomes.append(Outcome(info.path, PENDING, str(e) or type(e).__name__, time.time() + delay))
         else:
-            if res.skipped:
-                log.info("%s: already in the cache", info.path)
-            else:
-                log.info(
-                    "uploaded %s: NAR %d bytes, compressed %d, %.2fs",
-                    info.path,
-                    res.nar_size,
-                    res.file_size,
-                    time.monotonic() - start,
-                )
-            self.outcomes.append(
-                Outcome(info.path, DONE, None, 0.0, res.nar_size or None, res.file_size or None)
-            )
+            log.info(
+                "uploaded %s: NAR %d bytes, compressed %d, %.2fs",
+                info.path, res.nar_size, res.file_size, time.monotonic() - start,
+            )  # fmt: skip
+            self.outcomes.append(Outcome(info.path, DONE, None, 0.0, res.nar_size, res.file_size))
         finally:
             self.inflight.pop(info.path, None)
             self.sched_wake.set()
@@ -501,6 +465,16 @@ async def _wait(event: asyncio.Event, timeout: float, clear: bool = True) -> Non
         await asyncio.wait_for(event.wait(), timeout)
     if clear:
         event.clear()
+
+
+def _log_tasks() -> None:
+    """SIGUSR1: log where every task is waiting (for "why is nothing happening?")."""
+    import io
+
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(limit=8, file=out)
+        log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
 
 def _systemd_socket() -> socket.socket | None:

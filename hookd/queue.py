@@ -47,6 +47,20 @@ CREATE TABLE IF NOT EXISTS paths (
     file_size INTEGER
 );
 CREATE INDEX IF NOT EXISTS paths_state ON paths(state, next_try);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uploaded (  -- what the cache (of the identity in meta.cache_id) holds
+    path TEXT PRIMARY KEY,
+    checked REAL NOT NULL,           -- when we last knew its narinfo was there (uploaded or seen)
+    refreshed REAL NOT NULL          -- when its narinfo's age was last reset
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS upstream (  -- answers of upstream caches, kept for their TTLs
+    path TEXT PRIMARY KEY,
+    present INTEGER NOT NULL,
+    checked REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS refs (
     path TEXT NOT NULL,
     ref TEXT NOT NULL,
@@ -54,7 +68,8 @@ CREATE TABLE IF NOT EXISTS refs (
 ) WITHOUT ROWID;
 """
 
-PENDING, DONE, FAILED = "pending", "done", "failed"
+PENDING, DONE, FAILED, UPSTREAM = "pending", "done", "failed", "upstream"
+SATISFIED = (DONE, UPSTREAM)  # a referrer may be published once each reference is in one of these
 
 
 @dataclass(frozen=True)
@@ -135,27 +150,48 @@ class Queue:
             "UPDATE requests SET state = 'failed', error = ? WHERE id = ?", (error, request_id)
         )
 
-    async def plan(self, request_ids: Iterable[int], infos: dict[str, PathInfo]) -> int:
-        """Add the planned closure and mark the requests planned, in one transaction.
+    async def plan(
+        self,
+        request_ids: Iterable[int],
+        infos: dict[str, PathInfo],
+        present: Iterable[str] = (),
+        upstream: Iterable[str] = (),
+    ) -> int:
+        """Queue a planned closure and mark the requests planned, in one transaction.
 
-        Returns how many paths were added or re-queued.
-
-        A path already done stays done; a failed one is given a fresh start (it was asked for again).
+        `infos` is the whole closure; paths in `present` are already in the cache and those in
+        `upstream` are left to an upstream cache: both are recorded as satisfied, not uploaded. Every
+        other path is (re)queued as pending. Returns how many paths were queued.
         """
         now = time.time()
-        before = self.db.total_changes
+        present, upstream = set(present), set(upstream)
+        rows = [
+            (
+                p,
+                DONE if p in present else UPSTREAM if p in upstream else PENDING,
+                json.dumps(i.to_json()),
+                now,
+                now,
+            )
+            for p, i in infos.items()
+        ]
         await self.db.execute("BEGIN IMMEDIATE")
         try:
             await self.db.executemany(
-                "INSERT INTO paths (path, state, info, created, updated) VALUES (?, 'pending', ?, ?, ?) "
-                "ON CONFLICT(path) DO UPDATE SET state = 'pending', attempts = 0, next_try = 0, "
-                "info = excluded.info, updated = excluded.updated WHERE paths.state = 'failed'",
-                [(p, json.dumps(i.to_json()), now, now) for p, i in infos.items()],
+                "INSERT INTO paths (path, state, info, created, updated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET state = excluded.state, attempts = 0, next_try = 0, "
+                "info = excluded.info, updated = excluded.updated "
+                "WHERE paths.state != excluded.state",
+                rows,
             )
-            added = self.db.total_changes - before
             await self.db.executemany(
                 "INSERT OR IGNORE INTO refs (path, ref) VALUES (?, ?)",
                 [(p, r) for p, i in infos.items() for r in i.references if r != p],
+            )
+            await self.db.executemany(
+                "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, 0) "
+                "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked",
+                [(p, now) for p in present],
             )
             await self.db.executemany(
                 "UPDATE requests SET state = 'planned', error = NULL WHERE id = ?",
@@ -165,19 +201,81 @@ class Queue:
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
-        return added
+        return sum(1 for r in rows if r[1] == PENDING)
+
+    # --- what the cache holds ---------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(value) if value is not None else None
+
+    async def set_cache_identity(self, identity: str) -> None:
+        """A different cache (or the same one emptied): forget everything we knew it held."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute("DELETE FROM uploaded")
+            await self.db.execute(
+                "INSERT INTO meta (key, value) VALUES ('cache_id', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (identity,),
+            )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def known_uploaded(self, paths: Iterable[str], max_age: float) -> set[str]:
+        """The paths recorded in the cache within `max_age` seconds (no network needed for those)."""
+        return await self._select_paths(
+            "SELECT path FROM uploaded WHERE checked >= ? AND path IN ", paths, time.time() - max_age
+        )
+
+    async def due_refresh(self, paths: Iterable[str], interval: float) -> set[str]:
+        """Of `paths` (in the cache), those whose narinfo age was not reset within `interval` seconds."""
+        return await self._select_paths(
+            "SELECT path FROM uploaded WHERE refreshed < ? AND path IN ", paths, time.time() - interval
+        )
+
+    async def mark_refreshed(self, paths: Iterable[str]) -> None:
+        now = time.time()
+        await self.db.executemany(
+            "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked, refreshed = excluded.refreshed",
+            [(p, now, now) for p in paths],
+        )
+
+    async def upstream_answers(
+        self, paths: Iterable[str], positive_ttl: float, negative_ttl: float
+    ) -> dict[str, bool]:
+        """Cached upstream answers still within their TTL."""
+        out: dict[str, bool] = {}
+        now = time.time()
+        for chunk in _chunks(list(paths)):
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.execute_fetchall(
+                f"SELECT path, present, checked FROM upstream WHERE path IN ({marks})", chunk
+            )
+            for path, present, checked in rows:
+                if now - checked < (positive_ttl if present else negative_ttl):
+                    out[path] = bool(present)
+        return out
+
+    async def record_upstream(self, answers: dict[str, bool]) -> None:
+        now = time.time()
+        await self.db.executemany(
+            "INSERT INTO upstream (path, present, checked) VALUES (?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET present = excluded.present, checked = excluded.checked",
+            [(p, int(v), now) for p, v in answers.items()],
+        )
+
+    async def _select_paths(self, sql: str, paths: Iterable[str], arg: float) -> set[str]:
+        out: set[str] = set()
+        for chunk in _chunks(list(paths)):
+            rows = await self.db.execute_fetchall(sql + f"({','.join('?' * len(chunk))})", (arg, *chunk))
+            out.update(r[0] for r in rows)
+        return out
 
     # --- paths --------------------------------------------------------------------------------------
-
-    async def all_done(self, paths: Sequence[str]) -> bool:
-        """True if every path is already uploaded (then its closure is too: references go first)."""
-        if not paths:
-            return False
-        marks = ",".join("?" * len(paths))
-        n = await self._scalar(
-            f"SELECT COUNT(*) FROM paths WHERE state = 'done' AND path IN ({marks})", tuple(paths)
-        )
-        return int(n) == len(set(paths))
 
     async def ready(self, limit: int, exclude: Iterable[str] = ()) -> list[PathInfo]:
         """Pending paths whose retry time has come and whose references are all done, oldest first."""
@@ -185,7 +283,7 @@ class Queue:
         rows = await self.db.execute_fetchall(
             "SELECT p.path, p.info FROM paths p WHERE p.state = 'pending' AND p.next_try <= ? "
             "AND NOT EXISTS (SELECT 1 FROM refs r JOIN paths q ON q.path = r.ref "
-            "                WHERE r.path = p.path AND q.state != 'done') "
+            "                WHERE r.path = p.path AND q.state NOT IN ('done', 'upstream')) "
             "ORDER BY p.id LIMIT ?",
             (time.time(), limit + len(excluded)),
         )
@@ -218,6 +316,12 @@ class Queue:
                     for o in outcomes
                 ],
             )
+            now_done = [(o.path, now) for o in outcomes if o.state == DONE]
+            await self.db.executemany(
+                "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, ?2) "
+                "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked, refreshed = excluded.refreshed",
+                now_done,
+            )
             await self.db.execute("COMMIT")
         except BaseException:
             await self.db.execute("ROLLBACK")
@@ -228,7 +332,7 @@ class Queue:
 
     async def counts(self) -> dict[str, int]:
         rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM paths GROUP BY state")
-        out = {PENDING: 0, DONE: 0, FAILED: 0}
+        out = {PENDING: 0, DONE: 0, FAILED: 0, UPSTREAM: 0}
         out.update({r[0]: r[1] for r in rows})
         out["requests"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
         return out
@@ -244,3 +348,8 @@ class Queue:
             return None
         keys = ("path", "state", "attempts", "next_try", "last_error", "nar_size", "file_size")
         return dict(zip(keys, row, strict=True))
+
+
+def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
+    """SQLite limits the number of parameters of one statement."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -186,9 +186,8 @@ def make_narinfo(info: PathInfo, staged: StagedNar, compression: str, key: Secre
 @dataclass(frozen=True)
 class Uploaded:
     path: str
-    skipped: bool  # the cache already had its narinfo
-    nar_size: int = 0
-    file_size: int = 0
+    nar_size: int
+    file_size: int
 
 
 async def upload_path(
@@ -200,10 +199,11 @@ async def upload_path(
     staging_dir: Path,
     nice: int = 0,
 ) -> Uploaded:
-    """Upload one path whose references are already in the cache. Raises on failure (nothing published)."""
+    """Upload one path whose references are already in the cache. Raises on failure (nothing published).
+
+    The planner has already found its narinfo missing from the cache (one existence check per path).
+    """
     ni_key = narinfo.narinfo_key(info.path)
-    if await backend.exists(ni_key):
-        return Uploaded(info.path, skipped=True)
     staging = backend.staging_dir() or staging_dir
     staged = await asyncio.to_thread(stage_nar, info, compression, level, staging, MEMORY_LIMIT, nice)
     try:
@@ -212,4 +212,4 @@ async def upload_path(
         await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
     finally:
         staged.discard()
-    return Uploaded(info.path, skipped=False, nar_size=staged.nar_size, file_size=staged.blob.size)
+    return Uploaded(info.path, staged.nar_size, staged.blob.size)

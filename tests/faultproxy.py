@@ -74,8 +74,8 @@ class Proxy:
             request.transport.abort()
             self.record(**base, status="reset", end=time.time())
             raise asyncio.CancelledError
-        body = await request.read()
         if fault in ("500", "503", "429"):
+            await request.read()
             status = int(fault)
             headers = {}
             payload = b"injected fault"
@@ -86,30 +86,32 @@ class Proxy:
             self.record(**base, status=status, end=time.time())
             return web.Response(status=status, body=payload, headers=headers)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        if request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
+        data = request.content if request.can_read_body else None
         async with self.session.request(
-            request.method, self.upstream + request.path_qs, data=body or None, headers=headers,
-            allow_redirects=False,
-        ) as up:  # fmt: skip
-            data = await up.read()
+            request.method, self.upstream + request.path_qs, data=data, headers=headers, allow_redirects=False
+        ) as up:
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP}
-            if fault == "reset" and data:  # a response cut off in the middle of its body
-                resp = web.StreamResponse(status=up.status, headers=out_headers)
-                resp.content_length = len(data)
-                await resp.prepare(request)
-                await resp.write(data[: len(data) // 2])
-                assert request.transport is not None
-                request.transport.abort()
-                self.record(**base, status="reset", end=time.time())
-                return resp
-            if request.method == "HEAD":
-                resp = web.StreamResponse(status=up.status, headers=out_headers)
-                if "Content-Length" in up.headers:
-                    resp.content_length = int(up.headers["Content-Length"])
-                await resp.prepare(request)
-                self.record(**base, status=up.status, end=time.time())
-                return resp
+            resp = web.StreamResponse(status=up.status, headers=out_headers)
+            if "Content-Length" in up.headers:
+                resp.content_length = int(up.headers["Content-Length"])
+            await resp.prepare(request)
+            if request.method != "HEAD":
+                sent = 0
+                cut = (resp.content_length or 0) // 2 if fault == "reset" else None
+                async for chunk in up.content.iter_chunked(1 << 20):
+                    if cut is not None and sent + len(chunk) > cut:  # a response cut off mid-body
+                        await resp.write(chunk[: max(0, cut - sent)])
+                        assert request.transport is not None
+                        request.transport.abort()
+                        self.record(**base, status="reset", end=time.time())
+                        return resp
+                    await resp.write(chunk)
+                    sent += len(chunk)
+            await resp.write_eof()
             self.record(**base, status=up.status, end=time.time())
-            return web.Response(status=up.status, body=data, headers=out_headers)
+            return resp
 
 
 def main() -> None:
@@ -124,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     log = open(args.log, "a")  # noqa: SIM115 - open for the life of the process
     proxy = Proxy(args.upstream, args.fault_rate, args.delay_ms / 1000, args.s3, log, args.seed)
-    app = web.Application(client_max_size=1 << 30)
+    app = web.Application(client_max_size=1 << 40)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
 

@@ -323,12 +323,35 @@ async def test_queue_orders_references_first(tmp_path: Path) -> None:
     await q.record([Outcome(B, FAILED, "mismatch")])
     counts = await q.counts()
     assert (counts[DONE], counts[FAILED], counts["requests"]) == (1, 1, 0)
-    # asked for again: a failed path gets a fresh start, a done one stays done
+    # asked for again: a failed path gets a fresh start; one the cache holds stays done
     rid2 = await q.add_request(None, [B], "socket")
-    await q.plan([rid2], {B: info(B, A), A: info(A)})
+    assert await q.known_uploaded([A, B], 60) == {A}
+    await q.plan([rid2], {B: info(B, A), A: info(A)}, present={A})
     row = await q.path_row(B)
     assert row is not None and row["state"] == PENDING and row["attempts"] == 0
     assert (await q.path_row(A) or {})["state"] == DONE
+    # a new cache identity forgets what the old cache held; planned again, A is queued again
+    await q.set_cache_identity("other")
+    assert await q.known_uploaded([A, B], 60) == set()
+    await q.plan([rid2], {B: info(B, A), A: info(A)})
+    assert (await q.path_row(A) or {})["state"] == PENDING
+    # a reference left to an upstream cache does not hold its referrer back
+    await q.plan([rid2], {B: info(B, A), A: info(A)}, upstream={A})
+    assert [i.path for i in await q.ready(10)] == [B]
+    await q.close()
+
+
+async def test_queue_refresh_bookkeeping(tmp_path: Path) -> None:
+    q = await Queue.open(tmp_path / "q.sqlite", SD)
+    rid = await q.add_request(None, [A], "socket")
+    await q.plan([rid], {A: info(A)}, present={A})
+    assert await q.due_refresh([A], 3600) == {A}  # never refreshed
+    await q.mark_refreshed([A])
+    assert await q.due_refresh([A], 3600) == set()
+    assert await q.due_refresh([A], 0) == {A}
+    await q.record_upstream({A: True, B: False})
+    assert await q.upstream_answers([A, B], 60, 60) == {A: True, B: False}
+    assert await q.upstream_answers([A, B], 60, 0) == {A: True}  # the negative answer expired
     await q.close()
 
 

@@ -73,6 +73,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def stat(self, key: str) -> ObjectStat | None: ...
 
+    async def touch(self, key: str, content_type: str) -> bool:
+        """Reset an object's age (its last-modified time) without changing it; False if it is gone.
+
+        GC retention counts from the last-modified time, so a path needed again stays. This default
+        re-puts the same bytes; backends with a cheaper way override it.
+        """
+        data = await self.get(key)
+        if data is None:
+            return False
+        await self.put(key, data, content_type)
+        return True
+
     def staging_dir(self) -> Path | None:
         """A directory on the same file system as the cache's NARs, when the backend is local.
 

@@ -89,6 +89,16 @@ class FileBackend(Backend):
 
         await asyncio.to_thread(write)
 
+    async def touch(self, key: str, content_type: str) -> bool:
+        def utime() -> bool:
+            try:
+                os.utime(self._path(key))
+            except FileNotFoundError:
+                return False
+            return True
+
+        return await asyncio.to_thread(utime)
+
     def staging_dir(self) -> Path:
         return self.root / "nar"
 

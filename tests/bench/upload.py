@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from hookd import narinfo
 from hookd.selftest import HookdProcess, NixEnv
@@ -41,8 +42,8 @@ def make_small_closure(nix: NixEnv, root: Path, n: int) -> str:
         paths += nix.nix("nix-store", "--add", *files[i : i + 200]).stdout.split()
     expr = nix.write_expr(
         "top.nix",
-        "{ paths }: derivation { name = \"small-top\"; system = builtins.currentSystem; builder = \"/bin/sh\";"
-        " deps = map builtins.storePath paths; args = [ \"-c\" \"echo $deps > $out\" ]; }",
+        '{ paths }: derivation { name = "small-top"; system = builtins.currentSystem; builder = "/bin/sh";'
+        ' deps = map builtins.storePath paths; args = [ "-c" "echo $deps > $out" ]; }',
     )
     listing = nix.write_expr("paths.nix", "[" + " ".join(f'"{p}"' for p in paths) + "]")
     argv = ["nix-build", str(expr), "--no-out-link", "--arg", "paths", f"import {listing}"]
@@ -74,7 +75,9 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_hookd(nix: NixEnv, root: Path, url: str, path: str, closure: list[str], has, env: dict[str, str]) -> dict:
+def run_hookd(
+    nix: NixEnv, root: Path, url: str, path: str, closure: list[str], has, env: dict[str, str]
+) -> dict:
     state = root / f"hookd-{uuid.uuid4().hex[:6]}"
     hookd = HookdProcess(nix, state, url, ("--log-level", "warning"), env)
     hookd.start()
@@ -116,8 +119,21 @@ def main() -> None:
     moto = Moto(root)
     delayed = FaultProxy(root, nginx.url, delay_ms=20)
     key = root / "key.sec"
-    subprocess.run([sys.executable, "-m", "hookd.cli", "keygen", "bench-1", "--secret-key-file", str(key),
-                    "--public-key-file", str(root / "key.pub")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hookd.cli",
+            "keygen",
+            "bench-1",
+            "--secret-key-file",
+            str(key),
+            "--public-key-file",
+            str(root / "key.pub"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     results: dict[str, dict] = {}
     try:
         print("creating paths…", flush=True)
@@ -150,7 +166,7 @@ def main() -> None:
             env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
             c = moto.client()
 
-            def has_s3(k: str, bucket: str = bucket) -> bool:
+            def has_s3(k: str, bucket: str = bucket, c: Any = c) -> bool:
                 try:
                     c.head_object(Bucket=bucket, Key=k)
                     return True
@@ -174,7 +190,10 @@ def main() -> None:
         print(f"{name:42} {r['paths']:6d} {r['mib']:8.1f} {r['seconds']:8.2f} {r['mib_s']:8.1f} {rss:>9}")
     for name in ("small", "big"):
         for where in ("loopback", "20ms proxy"):
-            h, n = results.get(f"{name}: hookd → nginx {where}"), results.get(f"{name}: nix copy → nginx {where}")
+            h, n = (
+                results.get(f"{name}: hookd → nginx {where}"),
+                results.get(f"{name}: nix copy → nginx {where}"),
+            )
             if h and n:
                 print(f"{name}, {where}: nix copy / hookd = {n['seconds'] / h['seconds']:.2f}x")
     if args.json:

@@ -1,0 +1,264 @@
+"""Planning: from hook requests to the set of paths that really need uploading.
+
+A request names outputs (or a .drv whose outputs are wanted). The planner expands them to their closure
+with one `nix path-info` call per batch, then drops, cheapest test first:
+1. paths the local state records as in the cache (no network; re-checked after `recheck_interval`);
+2. paths signed in the local store by an upstream cache's key (no network);
+3. paths the cache already holds (narinfo existence checks, concurrent and bounded);
+4. paths an upstream cache holds, signed by its key (asked through its narinfo, answers kept for TTLs).
+What remains is queued. Requested outputs that were already cached have their narinfo's age reset (at
+most once per `refresh_interval`), so GC retention measures when a path was last needed.
+
+Before each batch it reads the cache's identity marker: a cache that was emptied, recreated or swapped
+has a new (or no) marker, and everything recorded about the old one is forgotten, so the cache is
+refilled instead of silently skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from . import narinfo
+from .backends import Backend, BackendError, open_backend
+from .config import Config
+from .queue import Queue, Request
+from .signing import KeyFileError, PublicKey
+from .store import InvalidPathError, PathInfo, Store, StoreError
+
+log = logging.getLogger("hookd")
+
+IDENTITY_KEY = "hookd-cache-id"
+
+
+class TrustedKeys:
+    """Upstream keys given as bare names (`cache.nixos.org-1`) or full public keys (`name:base64`)."""
+
+    def __init__(self, specs: Iterable[str]) -> None:
+        self.names: set[str] = set()
+        self.keys: dict[str, PublicKey] = {}
+        for spec in specs:
+            if ":" in spec:
+                try:
+                    key = PublicKey.parse(spec)
+                except KeyFileError as e:
+                    raise ValueError(f"upstream key {spec[:40]!r}: {e}") from None
+                self.keys[key.name] = key
+            else:
+                self.names.add(spec)
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.keys)
+
+    def signed(self, fingerprint: str, sigs: Iterable[str]) -> bool:
+        for sig in sigs:
+            name = sig.partition(":")[0]
+            if name in self.keys:
+                if self.keys[name].verify(fingerprint, sig):
+                    return True
+            elif name in self.names:
+                return True
+        return False
+
+
+class Upstream:
+    """An upstream cache asked whether it holds a path (its narinfo, with a trusted signature)."""
+
+    def __init__(self, backend: Backend, keys: TrustedKeys) -> None:
+        self.backend = backend
+        self.keys = keys
+
+    async def has(self, info: PathInfo) -> bool:
+        data = await self.backend.get(narinfo.narinfo_key(info.path))
+        if data is None:
+            return False
+        try:
+            ni = narinfo.parse(data)
+        except narinfo.NarInfoError:
+            return False
+        if ni.store_path != info.path or ni.nar_hash != info.nar_hash:
+            return False
+        return self.keys.signed(ni.fingerprint(), ni.sigs)
+
+
+@dataclass
+class Plan:
+    closure: dict[str, PathInfo]
+    known: set[str]
+    present: set[str]
+    upstream: set[str]
+
+    @property
+    def to_upload(self) -> int:
+        return len(self.closure) - len(self.known | self.present | self.upstream)
+
+
+class Planner:
+    def __init__(self, cfg: Config, queue: Queue, store: Store, backend: Backend) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.store = store
+        self.backend = backend
+        self.keys = TrustedKeys(cfg.upstream_keys if cfg.skip_upstream else ())
+        self.upstreams = [
+            Upstream(open_backend(url, cfg), self.keys)
+            for url in (cfg.upstream_caches if cfg.skip_upstream else ())
+        ]
+        self.gate = asyncio.Semaphore(cfg.existence_concurrency)
+        self.identity: str | None = None
+        self.new_cache = False  # set when the identity changed; the daemon rewrites nix-cache-info
+
+    async def close(self) -> None:
+        for u in self.upstreams:
+            await u.backend.close()
+
+    # --- identity -----------------------------------------------------------------------------------
+
+    async def check_identity(self) -> bool:
+        """Read the cache's identity marker (writing one if missing); True if the cache is new to us."""
+        data = await self.backend.get(IDENTITY_KEY)
+        identity = data.decode(errors="replace").strip() if data else ""
+        if not identity:
+            identity = uuid.uuid4().hex
+            await self.backend.put(IDENTITY_KEY, (identity + "\n").encode(), "text/plain; charset=utf-8")
+        known = self.identity or await self.queue.get_meta("cache_id")
+        self.identity = identity
+        if known == identity:
+            return False
+        if known is not None:
+            log.warning(
+                "cache %s has a new identity (emptied, recreated or replaced): forgetting what it held",
+                self.backend.url,
+            )
+        await self.queue.set_cache_identity(identity)
+        self.new_cache = True
+        return True
+
+    # --- planning -----------------------------------------------------------------------------------
+
+    async def plan(self, reqs: Sequence[Request]) -> Plan | None:
+        """Plan a batch; None when nothing could be planned now (errors are recorded on the requests)."""
+        try:
+            await self.check_identity()
+            return await self._plan(reqs)
+        except InvalidPathError as e:
+            if len(reqs) > 1:
+                for r in reqs:  # find the bad request without holding up the good ones
+                    await self.plan([r])
+                return None
+            log.error("request %d failed: %s", reqs[0].id, e)
+            await self.queue.fail_request(reqs[0].id, str(e))
+        except (StoreError, BackendError) as e:
+            from .daemon import backoff
+
+            delay = backoff(min(r.attempts for r in reqs), self.cfg.retry_base, self.cfg.retry_max)
+            log.warning("cannot plan %d requests yet: %s (retry in %.0fs)", len(reqs), e, delay)
+            await self.queue.retry_requests([r.id for r in reqs], str(e), time.time() + delay)
+        return None
+
+    async def _plan(self, reqs: Sequence[Request]) -> Plan:
+        # Requests that name only outputs already recorded: their closures went up before them.
+        quick = [r for r in reqs if r.outs and len(r.outs) <= 1000]
+        recorded = await self.queue.known_uploaded(
+            {p for r in quick for p in r.outs}, self.cfg.recheck_interval
+        )
+        done = [r for r in quick if set(r.outs) <= recorded]
+        if done:
+            await self.refresh({p for r in done for p in r.outs})
+            await self.queue.plan([r.id for r in done], {})
+            log.info("%d requests name only paths already in the cache", len(done))
+            reqs = [r for r in reqs if r not in done]
+        if not reqs:
+            return Plan({}, set(), set(), set())
+
+        roots = await self._roots(reqs)
+        closure = await self.store.closure(dict.fromkeys(roots)) if roots else {}
+        known = await self.queue.known_uploaded(closure, self.cfg.recheck_interval)
+        upstream = {p for p, i in closure.items() if p not in known and self._signed_upstream(i)}
+        unknown = [i for p, i in closure.items() if p not in known and p not in upstream]
+        present = await self._present(unknown)
+        if self.upstreams:
+            upstream |= await self._in_upstream([i for i in unknown if i.path not in present])
+        await self.queue.plan([r.id for r in reqs], closure, present | known, upstream)
+        await self.refresh(p for p in roots if p in known or p in present)
+        plan = Plan(closure, known, present, upstream)
+        log.info(
+            "planned %d requests: closure of %d paths; %d recorded, %d already in the cache, %d upstream; "
+            "%d to upload",
+            len(reqs), len(closure), len(known), len(present), len(upstream), plan.to_upload,
+        )  # fmt: skip
+        return plan
+
+    async def _roots(self, reqs: Sequence[Request]) -> list[str]:
+        roots: list[str] = []
+        drvs: list[str] = []
+        for r in reqs:
+            if r.outs:
+                roots.extend(r.outs)
+            elif r.drv:
+                drvs.append(r.drv)
+        if drvs:
+            outs = await self.store.outputs(drvs)
+            roots.extend(o for o in outs if os.path.lexists(o))
+        return roots
+
+    def _signed_upstream(self, info: PathInfo) -> bool:
+        if not self.keys or not info.sigs:
+            return False
+        fingerprint = narinfo.fingerprint(info.path, info.nar_hash, info.nar_size, info.references)
+        return self.keys.signed(fingerprint, info.sigs)
+
+    async def _present(self, infos: Sequence[PathInfo]) -> set[str]:
+        """Which of these paths the cache already holds: one narinfo check each, bounded."""
+
+        async def check(info: PathInfo) -> str | None:
+            async with self.gate:
+                return info.path if await self.backend.exists(narinfo.narinfo_key(info.path)) else None
+
+        found = await asyncio.gather(*(check(i) for i in infos))
+        return {p for p in found if p}
+
+    async def _in_upstream(self, infos: Sequence[PathInfo]) -> set[str]:
+        cached = await self.queue.upstream_answers(
+            (i.path for i in infos), self.cfg.upstream_positive_ttl, self.cfg.upstream_negative_ttl
+        )
+        ask = [i for i in infos if i.path not in cached]
+
+        async def check(info: PathInfo) -> tuple[str, bool]:
+            async with self.gate:
+                for u in self.upstreams:
+                    try:
+                        if await u.has(info):
+                            return info.path, True
+                    except BackendError as e:  # an upstream that is down is an upstream without it
+                        log.warning("upstream %s: %s", u.backend.url, e)
+                return info.path, False
+
+        answers = dict(await asyncio.gather(*(check(i) for i in ask)))
+        await self.queue.record_upstream(answers)
+        return {p for p, present in {**cached, **answers}.items() if present}
+
+    async def refresh(self, paths: Iterable[str]) -> None:
+        """Reset the narinfo age of cached paths asked for again, at most once per refresh interval."""
+        due = await self.queue.due_refresh(paths, self.cfg.refresh_interval)
+        if not due:
+            return
+
+        async def touch(path: str) -> str | None:
+            async with self.gate:
+                try:
+                    ok = await self.backend.touch(narinfo.narinfo_key(path), narinfo.CONTENT_TYPE)
+                except BackendError as e:
+                    log.warning("could not refresh %s: %s", path, e)
+                    return None
+                return path if ok else None
+
+        touched = [p for p in await asyncio.gather(*(touch(p) for p in due)) if p]
+        await self.queue.mark_refreshed(touched)
+        if touched:
+            log.info("refreshed the age of %d cached paths asked for again", len(touched))
