@@ -58,7 +58,7 @@ class Config:
     max_connections: int = 32
     """Connection pool size of a remote backend."""
     multipart_threshold: int = 32 << 20
-    part_size: int = 16 << 20
+    part_size: int = 8 << 20
     part_concurrency: int = 4
     """S3: NARs from this size go up as multipart uploads of part_size, this many parts at a time."""
     s3_credentials_file: Path | None = None
@@ -74,6 +74,10 @@ class Config:
     refresh_interval: float = 86400.0
     """A path asked for again has its narinfo's age reset at most this often (seconds), so GC
     retention counts from when it was last needed."""
+    gc_grace: float = 3600.0
+    """The grace period `hookd gc` runs with (seconds). Before publishing a path, references found
+    in the cache that were not touched within half of it are touched, so a GC running at the same
+    time cannot take them."""
     existence_concurrency: int = 32
     """Existence checks (narinfo HEADs) in flight at once while planning."""
     upstream_caches: list[str] = field(default_factory=list)

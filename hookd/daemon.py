@@ -42,6 +42,10 @@ class RequestRejected(ValueError):
     """A request names paths hookd must not touch (outside the store, malformed, missing)."""
 
 
+class ReferenceGone(Exception):
+    """A reference recorded as cached was deleted (by a GC): it is queued again, the referrer waits."""
+
+
 class DaemonError(RuntimeError):
     """The daemon cannot start (state directory locked, socket unusable, …)."""
 
@@ -411,10 +415,32 @@ class Daemon:
                 self.outcomes[:0] = batch
                 raise
 
+    async def _touch_stale_references(self, info: PathInfo) -> None:
+        """Touch references found in the cache more than half a GC grace period ago (see DESIGN.md).
+
+        A reference found gone (a GC took it) is queued again, and this path waits for it.
+        """
+        assert self.queue is not None
+        refs = [r for r in info.references if r != info.path]
+        stale = await self.queue.due_refresh(refs, self.cfg.gc_grace / 2)
+        touched, gone = [], []
+        for ref in stale:
+            if await self.backend.touch(narinfo.narinfo_key(ref), narinfo.CONTENT_TYPE):
+                touched.append(ref)
+            else:
+                gone.append(ref)
+        await self.queue.mark_refreshed(touched)
+        if gone:
+            await self.queue.forget(gone)
+            raise ReferenceGone(
+                f"{len(gone)} references of {info.path} are gone from the cache; uploading them first"
+            )
+
     async def _upload(self, info: PathInfo) -> None:
         assert self.queue is not None
         start = time.monotonic()
         try:
+            await self._touch_stale_references(info)
             async with self.bytes.hold(info.nar_size):
                 res = await upload_path(
                     info,
@@ -427,6 +453,9 @@ class Daemon:
                 )
         except asyncio.CancelledError:
             raise
+        except ReferenceGone as e:
+            log.warning("%s", e)
+            self.outcomes.append(Outcome(info.path, PENDING, str(e), 0.0))
         except NarMismatchError as e:
             log.error("refused %s", e)
             self.outcomes.append(Outcome(info.path, FAILED, str(e)))

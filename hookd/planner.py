@@ -169,9 +169,11 @@ class Planner:
         )
         done = [r for r in quick if set(r.outs) <= recorded]
         if done:
-            await self.refresh({p for r in done for p in r.outs})
+            gone = await self.refresh({p for r in done for p in r.outs})
+            done = [r for r in done if not gone & set(r.outs)]  # those go the long way, below
             await self.queue.plan([r.id for r in done], {})
-            log.info("%d requests name only paths already in the cache", len(done))
+            if done:
+                log.info("%d requests name only paths already in the cache", len(done))
             reqs = [r for r in reqs if r not in done]
         if not reqs:
             return Plan({}, set(), set(), set())
@@ -185,6 +187,8 @@ class Planner:
         if self.upstreams:
             upstream |= await self._in_upstream([i for i in unknown if i.path not in present])
         await self.queue.plan([r.id for r in reqs], closure, present | known, upstream)
+        # Keep young what was asked for again (GC retention counts from the last need); references
+        # of new uploads are touched, if need be, right before their referrer is published.
         await self.refresh(p for p in roots if p in known or p in present)
         plan = Plan(closure, known, present, upstream)
         log.info(
@@ -243,22 +247,32 @@ class Planner:
         await self.queue.record_upstream(answers)
         return {p for p, present in {**cached, **answers}.items() if present}
 
-    async def refresh(self, paths: Iterable[str]) -> None:
-        """Reset the narinfo age of cached paths asked for again, at most once per refresh interval."""
+    async def refresh(self, paths: Iterable[str]) -> set[str]:
+        """Reset the narinfo age of cached paths asked for again, at most once per refresh interval.
+
+        Returns the paths found gone (a GC took them): they are forgotten, to be uploaded again.
+        """
         due = await self.queue.due_refresh(paths, self.cfg.refresh_interval)
         if not due:
-            return
+            return set()
 
-        async def touch(path: str) -> str | None:
+        async def touch(path: str) -> tuple[str, bool | None]:
             async with self.gate:
                 try:
-                    ok = await self.backend.touch(narinfo.narinfo_key(path), narinfo.CONTENT_TYPE)
+                    return path, await self.backend.touch(narinfo.narinfo_key(path), narinfo.CONTENT_TYPE)
                 except BackendError as e:
                     log.warning("could not refresh %s: %s", path, e)
-                    return None
-                return path if ok else None
+                    return path, None
 
-        touched = [p for p in await asyncio.gather(*(touch(p) for p in due)) if p]
+        results = await asyncio.gather(*(touch(p) for p in due))
+        touched = [p for p, ok in results if ok]
+        gone = {p for p, ok in results if ok is False}
         await self.queue.mark_refreshed(touched)
         if touched:
             log.info("refreshed the age of %d cached paths asked for again", len(touched))
+        if gone:
+            log.warning(
+                "%d paths recorded as cached are gone from the cache (GC?): uploading them again", len(gone)
+            )
+            await self.queue.forget(gone)
+        return gone

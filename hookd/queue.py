@@ -244,6 +244,16 @@ class Queue:
             [(p, now, now) for p in paths],
         )
 
+    async def forget(self, paths: Iterable[str]) -> None:
+        """These paths turned out to be gone from the cache (a GC took them): queue them again."""
+        rows = [(p,) for p in paths]
+        await self.db.executemany("DELETE FROM uploaded WHERE path = ?", rows)
+        await self.db.executemany(
+            "UPDATE paths SET state = 'pending', attempts = 0, next_try = 0 "
+            "WHERE path = ? AND state = 'done'",
+            rows,
+        )
+
     async def upstream_answers(
         self, paths: Iterable[str], positive_ttl: float, negative_ttl: float
     ) -> dict[str, bool]:

@@ -208,7 +208,9 @@ async def upload_path(
     staged = await asyncio.to_thread(stage_nar, info, compression, level, staging, MEMORY_LIMIT, nice)
     try:
         ni = make_narinfo(info, staged, compression, key)
-        await backend.put_stream(ni.url, staged.blob, NAR_CONTENT_TYPE)
+        if not await backend.put_stream(ni.url, staged.blob, NAR_CONTENT_TYPE):
+            # reusing a NAR that is already there: make it young, or a GC running now could take it
+            await backend.touch(ni.url, NAR_CONTENT_TYPE)
         await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
     finally:
         staged.discard()

@@ -107,6 +107,7 @@ class Moto(Process):
 
 NGINX_CONF = """
 daemon off;
+load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
 user root;
 worker_processes 2;
 pid {dir}/nginx.pid;
@@ -127,6 +128,7 @@ http {{
     client_max_body_size 0;
     location / {{
       dav_methods PUT DELETE MKCOL COPY MOVE;
+      dav_ext_methods PROPFIND OPTIONS;
       create_full_put_path on;
       dav_access user:rw group:r all:r;
     }}

@@ -13,7 +13,7 @@ import netrc
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -102,8 +102,11 @@ class HttpBackend(Backend):
             async with self._sess().request(
                 method, f"{self.base}/{key}", data=data, headers=headers, allow_redirects=False
             ) as resp:
-                body = await resp.read() if method == "GET" and resp.status == 200 else b""
-                if method != "GET" or resp.status != 200:
+                wanted = (method == "GET" and resp.status == 200) or (
+                    method == "PROPFIND" and resp.status == 207
+                )
+                body = await resp.read() if wanted else b""
+                if not wanted:
                     await resp.release()
                 status = resp.status
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
@@ -171,8 +174,56 @@ class HttpBackend(Backend):
         return ObjectStat(key, int(hdrs.get("content-length", 0)), mtime, hdrs.get("etag"))
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
-        raise PermanentBackendError(f"{self.base}: listing an HTTP cache is not supported")
-        yield  # pragma: no cover
+        """Walk the cache with WebDAV PROPFIND (Depth: 1, directory by directory)."""
+        base_path = urlsplit(self.base).path.rstrip("/") + "/"
+        todo = [prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""]
+        while todo:
+            directory = todo.pop()
+            status, body, _ = await self._request("PROPFIND", directory, b"", {"Depth": "1"})
+            if status in (404,) and directory:
+                continue
+            if status in (405, 501) or status >= 400:
+                raise PermanentBackendError(
+                    f"{self.base} cannot be listed (PROPFIND answered HTTP {status}): GC and verify need a "
+                    "server with WebDAV PROPFIND (nginx: the dav_ext module), or an S3 or file:// cache"
+                )
+            for href, is_dir, size, mtime, etag in _parse_multistatus(body):
+                path = unquote(urlsplit(href).path)
+                if not path.startswith(base_path):
+                    continue
+                key = path[len(base_path) :]
+                if not key or key == directory:
+                    continue
+                if is_dir:
+                    if prefix.startswith(key) or key.startswith(prefix):
+                        todo.append(key.rstrip("/") + "/")
+                elif key.startswith(prefix):
+                    yield ObjectStat(key, size, mtime, etag)
+
+
+def _parse_multistatus(body: bytes) -> list[tuple[str, bool, int, float, str | None]]:
+    """(href, is a directory, size, mtime, etag) of each response in a WebDAV multistatus."""
+    import xml.etree.ElementTree as ET
+    from email.utils import parsedate_to_datetime
+
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as e:
+        raise PermanentBackendError(f"unreadable PROPFIND answer: {e}") from None
+    out = []
+    for resp in root.iter("{DAV:}response"):
+        href = resp.findtext("{DAV:}href") or ""
+        prop = resp.find(".//{DAV:}prop")
+        if prop is None:
+            continue
+        is_dir = prop.find("{DAV:}resourcetype/{DAV:}collection") is not None
+        size = int(prop.findtext("{DAV:}getcontentlength") or 0)
+        try:
+            mtime = parsedate_to_datetime(prop.findtext("{DAV:}getlastmodified") or "").timestamp()
+        except (TypeError, ValueError):
+            mtime = 0.0
+        out.append((href, is_dir, size, mtime, prop.findtext("{DAV:}getetag")))
+    return out
 
 
 def _basic(user: str, password: str) -> str:

@@ -43,7 +43,8 @@ def make_small_closure(nix: NixEnv, root: Path, n: int) -> str:
     expr = nix.write_expr(
         "top.nix",
         '{ paths }: derivation { name = "small-top"; system = builtins.currentSystem; builder = "/bin/sh";'
-        ' deps = map builtins.storePath paths; args = [ "-c" "echo $deps > $out" ]; }',
+        ' deps = map builtins.storePath paths; passAsFile = [ "deps" ];'
+        ' args = [ "-c" "/bin/cp $depsPath $out" ]; }',
     )
     listing = nix.write_expr("paths.nix", "[" + " ".join(f'"{p}"' for p in paths) + "]")
     argv = ["nix-build", str(expr), "--no-out-link", "--arg", "paths", f"import {listing}"]
@@ -142,6 +143,10 @@ def main() -> None:
             workloads["big"] = make_big(nix, root, args.big_mib)
         for name, path in workloads.items():
             closure = nix.closure([path])
+            for p in closure:  # warm the page cache, so the first contender is not the only one reading disk
+                subprocess.run(
+                    ["nix-store", "--dump", p], env=dict(nix.env), stdout=subprocess.DEVNULL, check=True
+                )
             size = sum(int(i["narSize"]) for i in nix.path_info(closure))  # type: ignore[call-overload]
             for where, base in (("loopback", nginx.url), ("20ms proxy", delayed.url)):
                 for tool in ("hookd", "nix copy"):
