@@ -186,11 +186,13 @@ class Planner:
         present = await self._present(unknown)
         if self.upstreams:
             upstream |= await self._in_upstream([i for i in unknown if i.path not in present])
-        await self.queue.plan([r.id for r in reqs], closure, present | known, upstream)
+        await self.queue.plan(
+            [r.id for r in reqs], closure, {**dict.fromkeys(known, 0.0), **present}, upstream
+        )
         # Keep young what was asked for again (GC retention counts from the last need); references
         # of new uploads are touched, if need be, right before their referrer is published.
         await self.refresh(p for p in roots if p in known or p in present)
-        plan = Plan(closure, known, present, upstream)
+        plan = Plan(closure, known, set(present), upstream)
         log.info(
             "planned %d requests: closure of %d paths; %d recorded, %d already in the cache, %d upstream; "
             "%d to upload",
@@ -217,15 +219,17 @@ class Planner:
         fingerprint = narinfo.fingerprint(info.path, info.nar_hash, info.nar_size, info.references)
         return self.keys.signed(fingerprint, info.sigs)
 
-    async def _present(self, infos: Sequence[PathInfo]) -> set[str]:
-        """Which of these paths the cache already holds: one narinfo check each, bounded."""
+    async def _present(self, infos: Sequence[PathInfo]) -> dict[str, float]:
+        """Which of these paths the cache already holds, with their narinfo's last-modified time: one
+        narinfo check each, concurrent and bounded. (The time says whether a GC could soon take it.)"""
 
-        async def check(info: PathInfo) -> str | None:
+        async def check(info: PathInfo) -> tuple[str, float] | None:
             async with self.gate:
-                return info.path if await self.backend.exists(narinfo.narinfo_key(info.path)) else None
+                obj = await self.backend.stat(narinfo.narinfo_key(info.path))
+                return (info.path, obj.mtime) if obj is not None else None
 
         found = await asyncio.gather(*(check(i) for i in infos))
-        return {p for p in found if p}
+        return dict(f for f in found if f)
 
     async def _in_upstream(self, infos: Sequence[PathInfo]) -> set[str]:
         cached = await self.queue.upstream_answers(

@@ -9,12 +9,14 @@ all its references are there.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
 
@@ -68,6 +70,9 @@ CREATE TABLE IF NOT EXISTS refs (
 ) WITHOUT ROWID;
 """
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 PENDING, DONE, FAILED, UPSTREAM = "pending", "done", "failed", "upstream"
 SATISFIED = (DONE, UPSTREAM)  # a referrer may be published once each reference is in one of these
 
@@ -93,10 +98,25 @@ class Outcome:
     file_size: int | None = None
 
 
+def _serialized(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """One coroutine at a time on the connection: a statement of one must never run inside another's
+    transaction (it would be committed, or rolled back, with it)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        self = args[0]
+        assert isinstance(self, Queue)
+        async with self._lock:
+            return await method(*args, **kwargs)
+
+    return wrapper
+
+
 class Queue:
     def __init__(self, db: aiosqlite.Connection, store_dir: str) -> None:
         self.db = db
         self.store_dir = store_dir
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path, store_dir: str) -> Queue:
@@ -113,6 +133,7 @@ class Queue:
 
     # --- requests -----------------------------------------------------------------------------------
 
+    @_serialized
     async def add_request(self, drv: str | None, outs: Sequence[str], source: str) -> int:
         """Record a request durably; once this returns, the paths will be uploaded."""
         cur = await self.db.execute(
@@ -122,6 +143,7 @@ class Queue:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    @_serialized
     async def due_requests(self, limit: int = 200) -> list[Request]:
         rows = await self.db.execute_fetchall(
             "SELECT id, drv, outs, source, attempts FROM requests WHERE state = 'new' AND next_try <= ? "
@@ -135,36 +157,42 @@ class Queue:
         row = await cur.fetchone()
         return row[0] if row else None
 
+    @_serialized
     async def next_request_time(self) -> float | None:
         value = await self._scalar("SELECT MIN(next_try) FROM requests WHERE state = 'new'")
         return float(value) if value is not None else None
 
+    @_serialized
     async def retry_requests(self, ids: Iterable[int], error: str, next_try: float) -> None:
         await self.db.executemany(
             "UPDATE requests SET attempts = attempts + 1, error = ?, next_try = ? WHERE id = ?",
             [(error, next_try, i) for i in ids],
         )
 
+    @_serialized
     async def fail_request(self, request_id: int, error: str) -> None:
         await self.db.execute(
             "UPDATE requests SET state = 'failed', error = ? WHERE id = ?", (error, request_id)
         )
 
+    @_serialized
     async def plan(
         self,
         request_ids: Iterable[int],
         infos: dict[str, PathInfo],
-        present: Iterable[str] = (),
+        present: Mapping[str, float] | Iterable[str] = (),
         upstream: Iterable[str] = (),
     ) -> int:
         """Queue a planned closure and mark the requests planned, in one transaction.
 
-        `infos` is the whole closure; paths in `present` are already in the cache and those in
-        `upstream` are left to an upstream cache: both are recorded as satisfied, not uploaded. Every
-        other path is (re)queued as pending. Returns how many paths were queued.
+        `infos` is the whole closure; paths in `present` are already in the cache (with the narinfo's
+        last-modified time, where known) and those in `upstream` are left to an upstream cache: both
+        are recorded as satisfied, not uploaded. Every other path is (re)queued as pending. Returns how
+        many paths were queued.
         """
         now = time.time()
-        present, upstream = set(present), set(upstream)
+        ages = dict(present) if isinstance(present, Mapping) else dict.fromkeys(present, 0.0)
+        present, upstream = set(ages), set(upstream)
         rows = [
             (
                 p,
@@ -189,9 +217,10 @@ class Queue:
                 [(p, r) for p, i in infos.items() for r in i.references if r != p],
             )
             await self.db.executemany(
-                "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, 0) "
-                "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked",
-                [(p, now) for p in present],
+                "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked, "
+                "refreshed = MAX(refreshed, excluded.refreshed)",
+                [(p, now, ages[p]) for p in present],
             )
             await self.db.executemany(
                 "UPDATE requests SET state = 'planned', error = NULL WHERE id = ?",
@@ -205,10 +234,12 @@ class Queue:
 
     # --- what the cache holds ---------------------------------------------------------------------
 
+    @_serialized
     async def get_meta(self, key: str) -> str | None:
         value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))
         return str(value) if value is not None else None
 
+    @_serialized
     async def set_cache_identity(self, identity: str) -> None:
         """A different cache (or the same one emptied): forget everything we knew it held."""
         await self.db.execute("BEGIN IMMEDIATE")
@@ -224,18 +255,21 @@ class Queue:
             await self.db.execute("ROLLBACK")
             raise
 
+    @_serialized
     async def known_uploaded(self, paths: Iterable[str], max_age: float) -> set[str]:
         """The paths recorded in the cache within `max_age` seconds (no network needed for those)."""
         return await self._select_paths(
             "SELECT path FROM uploaded WHERE checked >= ? AND path IN ", paths, time.time() - max_age
         )
 
+    @_serialized
     async def due_refresh(self, paths: Iterable[str], interval: float) -> set[str]:
         """Of `paths` (in the cache), those whose narinfo age was not reset within `interval` seconds."""
         return await self._select_paths(
             "SELECT path FROM uploaded WHERE refreshed < ? AND path IN ", paths, time.time() - interval
         )
 
+    @_serialized
     async def mark_refreshed(self, paths: Iterable[str]) -> None:
         now = time.time()
         await self.db.executemany(
@@ -244,6 +278,7 @@ class Queue:
             [(p, now, now) for p in paths],
         )
 
+    @_serialized
     async def forget(self, paths: Iterable[str]) -> None:
         """These paths turned out to be gone from the cache (a GC took them): queue them again."""
         rows = [(p,) for p in paths]
@@ -254,6 +289,7 @@ class Queue:
             rows,
         )
 
+    @_serialized
     async def upstream_answers(
         self, paths: Iterable[str], positive_ttl: float, negative_ttl: float
     ) -> dict[str, bool]:
@@ -270,6 +306,7 @@ class Queue:
                     out[path] = bool(present)
         return out
 
+    @_serialized
     async def record_upstream(self, answers: dict[str, bool]) -> None:
         now = time.time()
         await self.db.executemany(
@@ -287,6 +324,7 @@ class Queue:
 
     # --- paths --------------------------------------------------------------------------------------
 
+    @_serialized
     async def ready(self, limit: int, exclude: Iterable[str] = ()) -> list[PathInfo]:
         """Pending paths whose retry time has come and whose references are all done, oldest first."""
         excluded = set(exclude)
@@ -306,10 +344,12 @@ class Queue:
                 break
         return out
 
+    @_serialized
     async def next_path_time(self) -> float | None:
         value = await self._scalar("SELECT MIN(next_try) FROM paths WHERE state = 'pending'")
         return float(value) if value is not None else None
 
+    @_serialized
     async def record(self, outcomes: Sequence[Outcome]) -> None:
         """Record a batch of attempt outcomes in one transaction."""
         if not outcomes:
@@ -337,9 +377,11 @@ class Queue:
             await self.db.execute("ROLLBACK")
             raise
 
+    @_serialized
     async def attempts(self, path: str) -> int:
         return int(await self._scalar("SELECT attempts FROM paths WHERE path = ?", (path,)) or 0)
 
+    @_serialized
     async def counts(self) -> dict[str, int]:
         rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM paths GROUP BY state")
         out = {PENDING: 0, DONE: 0, FAILED: 0, UPSTREAM: 0}
@@ -347,6 +389,7 @@ class Queue:
         out["requests"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
         return out
 
+    @_serialized
     async def path_row(self, path: str) -> dict[str, object] | None:
         cur = await self.db.execute(
             "SELECT path, state, attempts, next_try, last_error, nar_size, file_size "

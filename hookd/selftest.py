@@ -258,7 +258,7 @@ class HookdProcess:
             "--store-dir", self.nix.store_dir, *self.extra_args,
         ]  # fmt: skip
         log = open(self.log_file, "ab")  # noqa: SIM115 - the daemon keeps it open
-        env = dict(self.nix.env, HOOKD_CONFIG="/dev/null", **self.extra_env)
+        env = {**self.nix.env, "HOOKD_CONFIG": "/dev/null", **self.extra_env}
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
         if wait:
             self.wait_ready()

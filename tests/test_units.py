@@ -363,3 +363,28 @@ def test_path_info_json_round_trip() -> None:
 def test_signing_key_file_tolerates_newline(vectors: Path) -> None:
     text = (vectors / "test-key.secret").read_text()
     assert signing.SecretKey.parse(text + "\n") == signing.SecretKey.parse(text)
+
+
+async def test_queue_operations_interleave_safely(tmp_path: Path) -> None:
+    """Requests arriving while a plan's transaction is open must neither fail nor join that transaction."""
+    import asyncio
+
+    q = await Queue.open(tmp_path / "q.sqlite", SD)
+    infos = {f"{SD}/{'a' * 31}{i:x}-p": info(f"{SD}/{'a' * 31}{i:x}-p") for i in range(16)}
+    rid = await q.add_request(None, [A], "socket")
+
+    async def plans() -> None:
+        for _ in range(20):
+            await q.plan([rid], infos)
+
+    async def requests() -> list[int]:
+        return [await q.add_request(None, [B], "socket") for _ in range(50)]
+
+    async def records() -> None:
+        for p in list(infos)[:10]:
+            await q.record([Outcome(p, DONE)])
+
+    _, ids, _ = await asyncio.gather(plans(), requests(), records())
+    assert len(set(ids)) == 50
+    assert (await q.counts())["requests"] == 50
+    await q.close()

@@ -179,14 +179,17 @@ class HttpBackend(Backend):
         todo = [prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""]
         while todo:
             directory = todo.pop()
-            status, body, _ = await self._request("PROPFIND", directory, b"", {"Depth": "1"})
-            if status in (404,) and directory:
-                continue
-            if status in (405, 501) or status >= 400:
+            try:
+                status, body, _ = await self._request("PROPFIND", directory, b"", {"Depth": "1"})
+            except PermanentBackendError as e:
                 raise PermanentBackendError(
-                    f"{self.base} cannot be listed (PROPFIND answered HTTP {status}): GC and verify need a "
-                    "server with WebDAV PROPFIND (nginx: the dav_ext module), or an S3 or file:// cache"
-                )
+                    f"{self.base} cannot be listed ({e}): GC and verify need a server that answers WebDAV "
+                    "PROPFIND (nginx: the dav_ext module), or an S3 or file:// cache"
+                ) from None
+            if status == 404 and directory:
+                continue
+            if status != 207:
+                raise PermanentBackendError(f"{self.base} cannot be listed: PROPFIND answered HTTP {status}")
             for href, is_dir, size, mtime, etag in _parse_multistatus(body):
                 path = unquote(urlsplit(href).path)
                 if not path.startswith(base_path):
