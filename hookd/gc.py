@@ -98,11 +98,14 @@ class NarinfoIndex:
     def tag(obj: ObjectStat) -> str:
         return obj.etag or f"{obj.size}:{obj.mtime}"
 
-    def lookup(self, obj: ObjectStat) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT tag, data FROM narinfo WHERE key = ?", (obj.key,)).fetchone()
-        if row is None or row[0] != self.tag(obj):
-            return None
-        return dict(json.loads(row[1]))
+    def lookup_all(self, objs: Iterable[ObjectStat]) -> dict[str, dict[str, Any]]:
+        """The records of those objects whose tag is unchanged (one pass over the index)."""
+        tags = {o.key: self.tag(o) for o in objs}
+        out = {}
+        for key, tag, data in self.db.execute("SELECT key, tag, data FROM narinfo"):
+            if tags.get(key) == tag:
+                out[key] = json.loads(data)
+        return out
 
     def store(self, items: Iterable[tuple[ObjectStat, dict[str, Any]]]) -> None:
         self.db.executemany(
@@ -153,14 +156,8 @@ async def snapshot(backend: Backend, index: NarinfoIndex, progress: Progress = n
     progress("listing", len(objects), len(objects))
 
     narinfo_objs = [o for k, o in objects.items() if k.endswith(".narinfo") and "/" not in k]
-    records: dict[str, dict[str, Any]] = {}
-    to_read = []
-    for obj in narinfo_objs:
-        cached = index.lookup(obj)
-        if cached is None:
-            to_read.append(obj)
-        else:
-            records[obj.key] = cached
+    records = index.lookup_all(narinfo_objs)
+    to_read = [o for o in narinfo_objs if o.key not in records]
     gate = asyncio.Semaphore(READ_CONCURRENCY)
     done = 0
 
