@@ -17,20 +17,50 @@ from .config import Config, ConfigError, load
 log = logging.getLogger("hookd")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"time": record.created, "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}  # fmt: skip
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+class JournalFormatter(logging.Formatter):
+    """journald adds the time; a <N> prefix gives it the syslog priority of each line."""
+
+    PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return "\n".join(f"<{self.PRIORITY.get(record.levelname, 6)}>{line}" for line in text.splitlines())
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """One line per event on stderr: text, JSON, or journald's format when journald reads stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    elif fmt == "journal" or (fmt == "text" and os.environ.get("JOURNAL_STREAM")):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # Their debug output carries request headers (signatures, access key ids): never let it through.
     for noisy in ("botocore", "aiobotocore", "aiohttp", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
-def load_config(config_file: Path | None, **overrides: Any) -> Config:
+def load_config(config_file: Path | None, _validate: bool = True, **overrides: Any) -> Config:
     try:
-        return load(config_file, overrides=overrides).validate()
+        cfg = load(config_file, overrides=overrides)
+        return cfg.validate() if _validate else cfg
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
 
@@ -44,12 +74,8 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--cache", help="Cache URL, for example file:///var/cache/nix.")
-@click.option(
-    "--state-dir", type=click.Path(path_type=Path), help="Queue, socket, spool (default /var/lib/hookd)."
-)
-@click.option(
-    "--socket", type=click.Path(path_type=Path), help="Socket path (default <state-dir>/hookd.sock)."
-)
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Queue, socket, spool (default /var/lib/hookd).")
+@click.option("--socket", type=click.Path(path_type=Path), help="Socket path (default <state-dir>/hookd.sock).")
 @click.option("--spool-dir", type=click.Path(path_type=Path), help="Spool (default <state-dir>/spool).")
 @click.option("--secret-key-file", type=click.Path(path_type=Path), help="Signing key (Nix format).")
 @click.option("--compression", type=click.Choice(["zstd", "xz", "none"]))
@@ -57,7 +83,9 @@ def main() -> None:
 @click.option("--store-dir", help="Nix store directory (default /nix/store).")
 @click.option("--max-parallel", type=int, help="Paths uploaded at the same time.")
 @click.option("--log-level", default="info", show_default=True)
-def daemon(config_file: Path | None, log_level: str, **overrides: Any) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json", "journal"]), default="text", show_default=True,
+              help="text (journald's format when it reads stderr), json: one object per line.")  # fmt: skip
+def daemon(config_file: Path | None, log_level: str, log_format: str, **overrides: Any) -> None:
     """Run the upload daemon."""
     from .backends import PermanentBackendError, open_backend
     from .daemon import Daemon, DaemonError
@@ -65,7 +93,7 @@ def daemon(config_file: Path | None, log_level: str, **overrides: Any) -> None:
     from .signing import KeyFileError
     from .store import Store
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     cfg = load_config(config_file, **overrides)
     try:
         if cfg.secret_key_file is None and not cfg.key_path.exists():
@@ -108,9 +136,7 @@ def keygen(name: str, secret_key_file: Path, public_key_file: Path) -> None:
 # --- cache maintenance ----------------------------------------------------------------------------
 
 cache_option = click.option("--cache", help="Cache URL (default: `cache` from the config).")
-config_option = click.option(
-    "--config", "config_file", type=click.Path(path_type=Path), help="TOML config file."
-)
+config_option = click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 
 
 def _backend(config_file: Path | None, cache: str | None) -> tuple[Config, Any]:
@@ -230,8 +256,7 @@ def gc(
     if "deleted" in out:
         d = out["deleted"]
         click.echo(
-            f"deleted {d['objects']} objects ({format_size(d['bytes'])}); "
-            f"{d['spared']} spared (refreshed meanwhile)"
+            f"deleted {d['objects']} objects ({format_size(d['bytes'])}); {d['spared']} spared (refreshed meanwhile)"
         )
 
 
@@ -290,9 +315,7 @@ def verify(
 @click.option("--list", "list_", is_flag=True, help="List the pins.")
 @cache_option
 @config_option
-def pin_cmd(
-    name: str | None, store_path: str | None, list_: bool, cache: str | None, config_file: Path | None
-) -> None:
+def pin_cmd(name: str | None, store_path: str | None, list_: bool, cache: str | None, config_file: Path | None) -> None:
     """Pin STORE-PATH (and its closure) in the cache under NAME, so GC keeps it."""
     from . import gc as gcmod
 
@@ -340,15 +363,24 @@ def unpin(name: str, cache: str | None, config_file: Path | None) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--pin", "pin_name", help="Also pin the (last) path under this name.")
+@click.option("--closure/--no-closure", default=True, show_default=True,
+              help="Paths always go up with their closures (a narinfo without its references would be "
+                   "unusable); the flag is accepted for clarity.")  # fmt: skip
+@click.option("--wait", is_flag=True, help="Wait until every path of the closures is uploaded; exit 1 if one failed.")
+@click.option("--pin", "pin_name", help="Also pin the (last) path in the cache under this name.")
 @cache_option
 @config_option
-def push(paths: tuple[str, ...], pin_name: str | None, cache: str | None, config_file: Path | None) -> None:
-    """Queue store paths (with their closures) for upload by the running daemon."""
+def push(
+    paths: tuple[str, ...], closure: bool, wait: bool, pin_name: str | None, cache: str | None,
+    config_file: Path | None,
+) -> None:  # fmt: skip
+    """Queue store paths for upload (for example after a substitution, which post-build-hook never sees)."""
     from . import gc as gcmod
     from . import hook, protocol
 
-    cfg = load_config(config_file, cache=cache or "file:///unused")
+    if not closure:
+        raise click.UsageError("hookd uploads closures only: a path whose references are missing is unusable")
+    cfg = load_config(config_file, cache=cache or "file:///unused", _validate=False)
     store_paths = tuple(p if p.startswith(cfg.store_dir + "/") else os.path.realpath(p) for p in paths)
     request = protocol.Enqueue(None, store_paths).encode()
     try:
@@ -356,11 +388,15 @@ def push(paths: tuple[str, ...], pin_name: str | None, cache: str | None, config
     except OSError as e:
         ok, detail = False, f"cannot reach {cfg.socket_path}: {e.strerror or e}"
     if not ok:
+        if "not allowed" in detail:
+            raise click.ClickException(f"the daemon refused: {detail}")
         try:
             spooled = hook.spool(str(cfg.spool_path), request)
         except OSError as e:
             raise click.ClickException(f"daemon: {detail}; spool {cfg.spool_path}: {e.strerror}") from None
         click.echo(f"daemon: {detail}; spooled to {spooled} (the daemon picks it up when it starts)")
+        if wait:
+            raise click.ClickException("not waiting: the daemon is not running")
     else:
         click.echo(f"queued {len(paths)} paths ({detail})")
     if pin_name:
@@ -374,6 +410,225 @@ def push(paths: tuple[str, ...], pin_name: str | None, cache: str | None, config
 
         _run(go())
         click.echo(f"pinned {store_paths[-1]} as {pin_name}")
+    if wait:
+        sys.exit(_wait_for(cfg, store_paths))
+
+
+def _wait_for(cfg: Config, paths: tuple[str, ...]) -> int:
+    """Follow the closures of `paths` until every path is uploaded or failed; the exit status."""
+    import time
+
+    from .operator import OperatorError, state_of
+    from .store import Store, StoreError
+    from .units import format_duration
+
+    try:
+        closure = sorted(asyncio.run(Store(cfg.store_dir, cfg.nix_store).closure(paths)))
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    tty = sys.stdout.isatty()
+    final = {"done": "uploaded", "upstream": "left to upstream", "failed": "FAILED", "dropped": "dropped"}
+    reported: dict[str, str] = {}
+    start = time.monotonic()
+    while True:
+        try:
+            states = state_of(cfg, closure)
+        except OperatorError as e:
+            raise click.ClickException(str(e)) from None
+        for p in closure:
+            row = states.get(p)
+            if row and row["state"] in final and p not in reported:
+                reported[p] = str(row["state"])
+                if not tty:
+                    err = f": {row['last_error']}" if row["state"] == "failed" else ""
+                    click.echo(f"{final[str(row['state'])]} {p}{err}")
+        if tty:
+            failed = sum(1 for v in reported.values() if v in ("failed", "dropped"))
+            bar_done = int(30 * len(reported) / max(1, len(closure)))
+            click.echo(f"\r\033[K[{'#' * bar_done}{'.' * (30 - bar_done)}] {len(reported)}/{len(closure)} paths"
+                       f"{f', {failed} failed' if failed else ''} ({format_duration(time.monotonic() - start)})",
+                       nl=False)  # fmt: skip
+        if len(reported) == len(closure):
+            break
+        time.sleep(0.2)
+    if tty:
+        click.echo()
+    bad = [p for p, st in reported.items() if st in ("failed", "dropped")]
+    for p in bad if tty else ():
+        click.echo(f"failed: {p}: {states[p]['last_error'] or states[p]['state']}")
+    return 1 if bad else 0
+
+
+# --- the queue ----------------------------------------------------------------------------------
+
+
+def _operator_cfg(config_file: Path | None) -> Config:
+    return load_config(config_file, cache=None, _validate=False)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def status(config_file: Path | None, as_json: bool) -> None:
+    """Is the daemon up, how deep is the queue, how fast is it going, what went wrong, does the cache answer?"""
+    import json
+    import time
+
+    from .operator import OperatorError, cache_answers
+    from .operator import status as get_status
+    from .units import format_duration, format_size
+
+    cfg = _operator_cfg(config_file)
+    try:
+        st = get_status(cfg)
+    except OperatorError as e:
+        raise click.ClickException(str(e)) from None
+    cache_error = cache_answers(cfg) if cfg.cache else "no cache configured"
+    st["cache"] = {"url": cfg.cache or None, "answers": cache_error is None, "error": cache_error}
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    d, c = st["daemon"], st["counts"]
+    up = f"up (pid {d['pid']}, for {format_duration(d['uptime'])})" if d["up"] else "NOT RUNNING"
+    click.echo(f"{'daemon':10} {up}")
+    click.echo(
+        f"{'cache':10} {cfg.cache or '-'}: {'answers' if cache_error is None else 'DOES NOT ANSWER: ' + cache_error}"
+    )
+    uploading = len(d.get("inflight", []))
+    click.echo(
+        f"{'queue':10} {c['pending']} pending ({uploading} uploading), {c['failed']} failed, {c['done']} done, "
+        f"{c['upstream']} upstream, {c['dropped']} dropped; {c['requests to plan']} requests to plan"
+    )
+    rates = "  ".join(f"{k}: {v['paths']} paths, {format_size(v['bytes'])}" for k, v in st["uploaded"].items())
+    click.echo(f"{'uploaded':10} {rates}")
+    total = st["uploaded_total"]
+    click.echo(f"{'':10} in all: {total['paths']} paths, {format_size(total['bytes'])}")
+    if st["oldest_pending"]:
+        o = st["oldest_pending"]
+        click.echo(f"{'oldest':10} {o['path']} (waiting {format_duration(o['age'])})")
+    if st["last_errors"]:
+        click.echo("last errors:")
+        for err in st["last_errors"]:
+            when = time.strftime("%H:%M:%S", time.localtime(err["time"]))
+            click.echo(f"  {when} {err['state']:8} {err['path']}: {err['error']}")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--state", type=click.Choice(["pending", "uploading", "failed", "done", "upstream", "dropped"]))
+@click.option("--json", "as_json", is_flag=True)
+@config_option
+@click.pass_context
+def queue(ctx: click.Context, state: str | None, as_json: bool, config_file: Path | None) -> None:
+    """List the queue (newest first); subcommands show, retry and drop act on it."""
+    import json
+    import time
+
+    from .operator import OperatorError, ask, with_queue
+    from .protocol import Command
+    from .units import format_duration, format_size
+
+    ctx.obj = config_file
+    if ctx.invoked_subcommand:
+        return
+    cfg = _operator_cfg(config_file)
+    try:
+        inflight = set((ask(cfg, Command("STATUS")) or {"daemon": {}})["daemon"].get("inflight", []))
+        rows = asyncio.run(with_queue(cfg, lambda q: q.list_paths(None if state == "uploading" else state)))
+    except OperatorError as e:
+        raise click.ClickException(str(e)) from None
+    for r in rows:
+        if r["path"] in inflight:
+            r["state"] = "uploading"
+    if state == "uploading":
+        rows = [r for r in rows if r["state"] == "uploading"]
+    elif state == "pending":
+        rows = [r for r in rows if r["state"] == "pending"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("the queue is empty" + (f" (state {state})" if state else ""))
+        return
+    now = time.time()
+    width = max(len(r["path"]) for r in rows)
+    click.echo(f"{'PATH':{width}}  {'STATE':9} {'TRIES':>5}  {'SIZE':>10}  {'NEXT TRY':>9}  ERROR")
+    for r in rows:
+        nxt = format_duration(r["next_try"] - now) if r["state"] == "pending" and r["next_try"] > now else ""
+        size = format_size(r["file_size"]) if r["file_size"] else ""
+        err = (r["last_error"] or "")[:80] if r["state"] != "done" else ""
+        click.echo(f"{r['path']:{width}}  {r['state']:9} {r['attempts']:>5}  {size:>10}  {nxt:>9}  {err}")
+
+
+@queue.command("show")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def queue_show(config_file: Path | None, path: str, as_json: bool) -> None:
+    """A path's state, attempts, last error, next retry and history."""
+    import json
+    import time
+
+    from .operator import OperatorError, with_queue
+
+    cfg = _operator_cfg(config_file)
+    path = path if path.startswith(cfg.store_dir + "/") else os.path.realpath(path)
+    try:
+        row = asyncio.run(with_queue(cfg, lambda q: q.path_detail(path)))
+    except OperatorError as e:
+        raise click.ClickException(str(e)) from None
+    if row is None:
+        raise click.ClickException(f"{path} is not in the queue")
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+
+    def at(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    click.echo(f"path        {row['path']}\nstate       {row['state']}\nattempts    {row['attempts']}")
+    if row["state"] == "pending" and row["next_try"] > time.time():
+        click.echo(f"next try    {at(row['next_try'])}")
+    if row["last_error"]:
+        click.echo(f"last error  {row['last_error']}")
+    click.echo(f"references  {len(row['references'])}")
+    click.echo("history:")
+    for ev in row["history"]:
+        detail = f" ({ev['detail']})" if ev["detail"] else ""
+        click.echo(f"  {at(ev['time'])}  {ev['event']}{detail}")
+
+
+@queue.command("retry")
+@click.argument("paths", nargs=-1)
+@click.option("--failed", is_flag=True, help="Every failed path.")
+@click.pass_obj
+def queue_retry(config_file: Path | None, paths: tuple[str, ...], failed: bool) -> None:
+    """Try failed (or backing-off) paths again now."""
+    from .operator import OperatorError, retry
+
+    if not paths and not failed:
+        raise click.UsageError("give paths, or --failed")
+    try:
+        n = retry(_operator_cfg(config_file), list(paths), failed)
+    except OperatorError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{n} paths queued for another try")
+
+
+@queue.command("drop")
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_obj
+def queue_drop(config_file: Path | None, paths: tuple[str, ...]) -> None:
+    """Stop trying to upload paths (and the queued paths that need them)."""
+    from .operator import OperatorError, drop
+
+    try:
+        dropped = drop(_operator_cfg(config_file), list(paths))
+    except OperatorError as e:
+        raise click.ClickException(str(e)) from None
+    for p in dropped:
+        click.echo(f"dropped {p}")
+    if not dropped:
+        click.echo("nothing to drop (not pending or failed)")
 
 
 @main.command("install-hook")

@@ -89,6 +89,12 @@ class Config:
     """Turn off to upload everything, upstream paths included (a self-contained cache)."""
     upstream_positive_ttl: float = 86400.0
     upstream_negative_ttl: float = 3600.0
+    metrics_listen: str | None = None
+    """HOST:PORT for the Prometheus endpoint (/metrics); off unless set, for example 127.0.0.1:9464."""
+    upload_build_logs: bool = False
+    """Upload the build log of each built .drv to log/<drv> so `nix log` finds it through the cache."""
+    allowed_group_members: bool = True
+    """Also let members of socket_group use the socket (for the operator CLI)."""
     shutdown_timeout: float = 20.0
     """On SIGTERM, how long in-flight uploads may take to finish."""
     retry_base: float = 2.0
@@ -119,9 +125,7 @@ class Config:
 
     def validate(self) -> Config:
         if not self.cache:
-            raise ConfigError(
-                "no cache given: pass --cache URL, set HOOKD_CACHE or `cache` in the config file"
-            )
+            raise ConfigError("no cache given: pass --cache URL, set HOOKD_CACHE or `cache` in the config file")
         if self.compression not in COMPRESSIONS:
             raise ConfigError(f"compression {self.compression!r}: expected one of {', '.join(COMPRESSIONS)}")
         lo, hi = {"zstd": (1, 22), "xz": (0, 9), "none": (0, 0)}[self.compression]
@@ -132,9 +136,7 @@ class Config:
         if not self.store_dir.startswith("/") or self.store_dir != self.store_dir.rstrip("/"):
             raise ConfigError(f"store_dir {self.store_dir!r} must be absolute, without a trailing '/'")
         if len(os.fsencode(self.socket_path)) > 107:
-            raise ConfigError(
-                f"socket path {self.socket_path} is longer than a Unix socket allows (107 bytes)"
-            )
+            raise ConfigError(f"socket path {self.socket_path} is longer than a Unix socket allows (107 bytes)")
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import random
@@ -24,6 +25,8 @@ from pathlib import Path
 from . import narinfo, protocol, storepath
 from .backends import Backend, BackendError
 from .config import Config
+from .metrics import Metrics
+from .metrics import serve as serve_metrics
 from .planner import Planner
 from .queue import DONE, FAILED, PENDING, Outcome, Queue, Request
 from .signing import SecretKey
@@ -119,6 +122,11 @@ class Daemon:
         self._server: asyncio.base_events.Server | None = None
         self._owns_socket = False
         self.allowed_uids = set(cfg.allowed_uids) | {os.getuid()}
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        policy = getattr(backend, "policy", None)
+        if policy is not None:
+            policy.on_retry = self.metrics.retries.inc
 
     # --- life cycle ---------------------------------------------------------------------------------
 
@@ -140,7 +148,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
         self._prepare_dirs()
         self.queue = await Queue.open(self.cfg.db_path, self.cfg.store_dir)
-        self.planner = Planner(self.cfg, self.queue, self.store, self.backend)
+        self.planner = Planner(self.cfg, self.queue, self.store, self.backend, self.metrics)
         try:
             await self._start_server()
             await self.drain_spool()
@@ -155,9 +163,16 @@ class Daemon:
                 counts["requests"],
             )
             _sd_notify(f"READY=1\nSTATUS=queue: {counts[PENDING]} pending")
+            metrics_runner = None
+            if self.cfg.metrics_listen:
+                metrics_runner = await serve_metrics(self.metrics, self.cfg.metrics_listen, self._refresh_gauges)
             planner = asyncio.create_task(self._planner(), name="planner")
             scheduler = asyncio.create_task(self._scheduler(), name="scheduler")
+            notifier = asyncio.create_task(self._notifier(), name="notifier")
             await self.stopping.wait()
+            notifier.cancel()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             _sd_notify("STOPPING=1")
             await self._stop_server()
             await asyncio.gather(planner, scheduler, return_exceptions=True)
@@ -181,8 +196,7 @@ class Daemon:
         except BlockingIOError:
             os.close(fd)
             raise DaemonError(
-                f"another hookd daemon is running with state directory {self.cfg.state_dir} "
-                f"(it holds {lock_path})"
+                f"another hookd daemon is running with state directory {self.cfg.state_dir} (it holds {lock_path})"
             ) from None
         self._lock_fd = fd
         self.cfg.spool_path.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -235,6 +249,30 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     self.cfg.socket_path.unlink()
 
+    async def _refresh_gauges(self) -> None:
+        assert self.queue is not None
+        for state, n in (await self.queue.counts()).items():
+            if state != "requests":
+                self.metrics.queue.labels(state).set(n)
+
+    async def _notifier(self) -> None:
+        """systemd: STATUS= with the queue depth, and WATCHDOG=1 at half the unit's WatchdogSec."""
+        watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6
+        if os.environ.get("WATCHDOG_PID") not in (None, "", str(os.getpid())):
+            watchdog = 0
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        interval = min(watchdog / 2, 10.0) if watchdog else 10.0
+        while True:
+            assert self.queue is not None
+            counts = await self.queue.counts()
+            message = (
+                f"STATUS=queue: {counts[PENDING]} pending, {len(self.inflight)} uploading, "
+                f"{counts[FAILED]} failed, {counts[DONE]} done"
+            )
+            _sd_notify(message + ("\nWATCHDOG=1" if watchdog else ""))
+            await asyncio.sleep(interval)
+
     async def _drain_inflight(self) -> None:
         tasks = list(self.inflight.values())
         if tasks:
@@ -264,10 +302,8 @@ class Daemon:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         _, uid, _ = peer_credentials(writer.get_extra_info("socket"))
-        if uid not in self.allowed_uids:
-            log.warning(
-                "refused a connection from uid %d: not in allowed_uids %s", uid, sorted(self.allowed_uids)
-            )
+        if not self._peer_allowed(uid):
+            log.warning("refused a connection from uid %d: not in allowed_uids %s", uid, sorted(self.allowed_uids))
             return protocol.error(
                 f"uid {uid} is not allowed to use this socket (ask the operator to add it to allowed_uids)"
             )
@@ -285,6 +321,8 @@ class Daemon:
             req = protocol.parse_request(line)
             if isinstance(req, protocol.Ping):
                 return protocol.ok("pong")
+            if isinstance(req, protocol.Command):
+                return await self._command(req)
             validate(req, self.cfg.store_dir)
         except (protocol.ProtocolError, RequestRejected) as e:
             log.warning("rejected a request from uid %d: %s", uid, e)
@@ -293,9 +331,48 @@ class Daemon:
             return protocol.error("hookd is shutting down")
         assert self.queue is not None
         rid = await self.queue.add_request(req.drv, req.outs, "socket")
+        self.metrics.requests.inc()
         log.info("queued request %d: %s", rid, req.drv if not req.outs else " ".join(req.outs))
         self.plan_wake.set()
         return protocol.ok(f"queued {rid}")
+
+    async def _command(self, cmd: protocol.Command) -> bytes:
+        """Operator commands from the CLI: STATUS, RETRY, DROP."""
+        assert self.queue is not None
+        if cmd.verb == "STATUS":
+            stats = await self.queue.stats()
+            stats["daemon"] = {
+                "pid": os.getpid(),
+                "uptime": time.monotonic() - self.started,
+                "cache": self.backend.url,
+                "key": self.key.name,
+                "inflight": sorted(self.inflight),
+            }
+            return protocol.ok(json.dumps(stats))
+        if cmd.verb == "RETRY":
+            failed = "--failed" in cmd.args
+            count = await self.queue.retry([a for a in cmd.args if a != "--failed"], failed=failed)
+            self.sched_wake.set()
+            log.info("operator: %d paths queued for another try", count)
+            return protocol.ok(json.dumps({"retried": count}))
+        dropped = await self.queue.drop(list(cmd.args))
+        log.info("operator: dropped %d paths: %s", len(dropped), " ".join(dropped[:5]))
+        return protocol.ok(json.dumps({"dropped": dropped}))
+
+    def _peer_allowed(self, uid: int) -> bool:
+        if uid in self.allowed_uids:
+            return True
+        if not (self.cfg.socket_group and self.cfg.allowed_group_members):
+            return False
+        import grp
+        import pwd
+
+        try:
+            group = grp.getgrnam(self.cfg.socket_group)
+            user = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return user.pw_gid == group.gr_gid or user.pw_name in group.gr_mem
 
     # --- the spool ----------------------------------------------------------------------------------
 
@@ -432,9 +509,7 @@ class Daemon:
         await self.queue.mark_refreshed(touched)
         if gone:
             await self.queue.forget(gone)
-            raise ReferenceGone(
-                f"{len(gone)} references of {info.path} are gone from the cache; uploading them first"
-            )
+            raise ReferenceGone(f"{len(gone)} references of {info.path} are gone from the cache; uploading them first")
 
     async def _upload(self, info: PathInfo) -> None:
         assert self.queue is not None
@@ -457,6 +532,7 @@ class Daemon:
             log.warning("%s", e)
             self.outcomes.append(Outcome(info.path, PENDING, str(e), 0.0))
         except NarMismatchError as e:
+            self.metrics.failures.labels("refused").inc()
             log.error("refused %s", e)
             self.outcomes.append(Outcome(info.path, FAILED, str(e)))
         except FileNotFoundError as e:
@@ -477,12 +553,17 @@ class Daemon:
                 exc_info=level == logging.ERROR,
             )
             self.outcomes.append(Outcome(info.path, PENDING, str(e) or type(e).__name__, time.time() + delay))
+            self.metrics.failures.labels("transient").inc()
         else:
             log.info(
                 "uploaded %s: NAR %d bytes, compressed %d, %.2fs",
                 info.path, res.nar_size, res.file_size, time.monotonic() - start,
             )  # fmt: skip
             self.outcomes.append(Outcome(info.path, DONE, None, 0.0, res.nar_size, res.file_size))
+            self.metrics.uploads.inc()
+            self.metrics.nar_bytes.inc(res.nar_size)
+            self.metrics.compressed_bytes.inc(res.file_size)
+            self.metrics.upload_seconds.observe(time.monotonic() - start)
         finally:
             self.inflight.pop(info.path, None)
             self.sched_wake.set()

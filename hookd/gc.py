@@ -307,9 +307,7 @@ def plan(
     # an upload: keep what it refers to)
     pinned = {p.rsplit("/", 1)[-1][:32] for p in [*snap.pins.values(), *keep_paths]}
     pinned = {h for h in pinned if h in infos and h not in broken}
-    window = [
-        h for h, e in infos.items() if e.mtime >= now - older_than and (h not in broken or e.mtime >= young)
-    ]
+    window = [h for h, e in infos.items() if e.mtime >= now - older_than and (h not in broken or e.mtime >= young)]
     window.sort(key=lambda h: infos[h].mtime)  # oldest first
 
     def mark(roots: Iterable[str]) -> set[str]:
@@ -407,9 +405,7 @@ class Lease:
         await asyncio.sleep(0.2)  # let a racing writer land, then see who won
         data = await self.backend.get(LEASE_KEY)
         if not data or json.loads(data).get("owner") != self.owner:
-            raise GcError(
-                f"another GC took the lease of {self.backend.url} at the same moment; try again later"
-            )
+            raise GcError(f"another GC took the lease of {self.backend.url} at the same moment; try again later")
 
     async def release(self) -> None:
         data = await self.backend.get(LEASE_KEY)
@@ -469,9 +465,7 @@ async def pin(backend: Backend, name: str, store_path: str, require_present: boo
     except StorePathError as e:
         raise ValueError(str(e)) from None
     if require_present and not await backend.exists(narinfo.narinfo_key(store_path)):
-        raise ValueError(
-            f"{store_path} is not in {backend.url}; push it first (`hookd push --pin {name} PATH`)"
-        )
+        raise ValueError(f"{store_path} is not in {backend.url}; push it first (`hookd push --pin {name} PATH`)")
     await backend.put(PIN_PREFIX + name, (store_path + "\n").encode(), "text/plain; charset=utf-8")
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from . import narinfo
 from .backends import Backend, BackendError, open_backend
 from .config import Config
+from .metrics import Metrics
 from .queue import Queue, Request
 from .signing import KeyFileError, PublicKey
 from .store import InvalidPathError, PathInfo, Store, StoreError
@@ -99,15 +100,17 @@ class Plan:
 
 
 class Planner:
-    def __init__(self, cfg: Config, queue: Queue, store: Store, backend: Backend) -> None:
+    def __init__(
+        self, cfg: Config, queue: Queue, store: Store, backend: Backend, metrics: Metrics | None = None
+    ) -> None:
         self.cfg = cfg
+        self.metrics = metrics or Metrics()
         self.queue = queue
         self.store = store
         self.backend = backend
         self.keys = TrustedKeys(cfg.upstream_keys if cfg.skip_upstream else ())
         self.upstreams = [
-            Upstream(open_backend(url, cfg), self.keys)
-            for url in (cfg.upstream_caches if cfg.skip_upstream else ())
+            Upstream(open_backend(url, cfg), self.keys) for url in (cfg.upstream_caches if cfg.skip_upstream else ())
         ]
         self.gate = asyncio.Semaphore(cfg.existence_concurrency)
         self.identity: str | None = None
@@ -164,9 +167,7 @@ class Planner:
     async def _plan(self, reqs: Sequence[Request]) -> Plan:
         # Requests that name only outputs already recorded: their closures went up before them.
         quick = [r for r in reqs if r.outs and len(r.outs) <= 1000]
-        recorded = await self.queue.known_uploaded(
-            {p for r in quick for p in r.outs}, self.cfg.recheck_interval
-        )
+        recorded = await self.queue.known_uploaded({p for r in quick for p in r.outs}, self.cfg.recheck_interval)
         done = [r for r in quick if set(r.outs) <= recorded]
         if done:
             gone = await self.refresh({p for r in done for p in r.outs})
@@ -186,19 +187,34 @@ class Planner:
         present = await self._present(unknown)
         if self.upstreams:
             upstream |= await self._in_upstream([i for i in unknown if i.path not in present])
-        await self.queue.plan(
-            [r.id for r in reqs], closure, {**dict.fromkeys(known, 0.0), **present}, upstream
-        )
+        await self.queue.plan([r.id for r in reqs], closure, {**dict.fromkeys(known, 0.0), **present}, upstream)
         # Keep young what was asked for again (GC retention counts from the last need); references
         # of new uploads are touched, if need be, right before their referrer is published.
         await self.refresh(p for p in roots if p in known or p in present)
         plan = Plan(closure, known, set(present), upstream)
+        self.metrics.dedup_hits.labels("local state").inc(len(known))
+        self.metrics.dedup_hits.labels("cache").inc(len(present))
+        self.metrics.upstream_skips.inc(len(upstream))
+        if self.cfg.upload_build_logs:
+            await self._upload_logs([r.drv for r in reqs if r.drv])
         log.info(
             "planned %d requests: closure of %d paths; %d recorded, %d already in the cache, %d upstream; "
             "%d to upload",
             len(reqs), len(closure), len(known), len(present), len(upstream), plan.to_upload,
         )  # fmt: skip
         return plan
+
+    async def _upload_logs(self, drvs: Sequence[str]) -> None:
+        """Put each build log at log/<drv basename>, where `nix log` looks for it through the Deriver."""
+        for drv in drvs:
+            key = f"log/{drv.rsplit('/', 1)[-1]}"
+            try:
+                text = await self.store.read_log(drv)
+                if text is not None and not await self.backend.exists(key):
+                    await self.backend.put(key, text, "text/plain; charset=utf-8")
+                    log.info("uploaded the build log of %s", drv)
+            except (StoreError, BackendError) as e:
+                log.warning("could not upload the build log of %s: %s", drv, e)
 
     async def _roots(self, reqs: Sequence[Request]) -> list[str]:
         roots: list[str] = []
@@ -275,8 +291,6 @@ class Planner:
         if touched:
             log.info("refreshed the age of %d cached paths asked for again", len(touched))
         if gone:
-            log.warning(
-                "%d paths recorded as cached are gone from the cache (GC?): uploading them again", len(gone)
-            )
+            log.warning("%d paths recorded as cached are gone from the cache (GC?): uploading them again", len(gone))
             await self.queue.forget(gone)
         return gone

@@ -6,6 +6,7 @@ nix-daemon's build loop, where every millisecond of start-up counts.
 
     ENQUEUE <drv-path or -> [<out-path> ...]   queue outputs (or, with none, the outputs of the .drv)
     PING                                       liveness check
+    STATUS | RETRY <path>...|--failed | DROP <path>...   operator commands (answer: OK <json>)
 
 Responses: `OK [detail]\\n` once the request is committed to the queue, or `ERR <message>\\n`.
 This module is imported by the hook: standard library only, and no `typing`, `re` or `dataclasses`.
@@ -39,6 +40,20 @@ class Enqueue:
         return " ".join(["ENQUEUE", self.drv or "-", *self.outs]).encode() + b"\n"
 
 
+class Command:
+    """An operator request: STATUS, RETRY <path>...|--failed, DROP <path>..."""
+
+    __slots__ = ("args", "verb")
+    VERBS = ("STATUS", "RETRY", "DROP")
+
+    def __init__(self, verb: str, args: tuple[str, ...] = ()) -> None:
+        self.verb = verb
+        self.args = args
+
+    def encode(self) -> bytes:
+        return " ".join([self.verb, *self.args]).encode() + b"\n"
+
+
 class Ping:
     __slots__ = ()
 
@@ -51,7 +66,7 @@ def enqueue_from_env(out_paths: str, drv_path: str) -> Enqueue:
     return Enqueue(drv_path.strip() or None, tuple(out_paths.split()))
 
 
-def parse_request(line: bytes) -> Enqueue | Ping:
+def parse_request(line: bytes) -> Enqueue | Ping | Command:
     """Parse one request line (syntax only; the daemon checks the paths against its store)."""
     if len(line) > MAX_LINE:
         raise ProtocolError(f"request line longer than {MAX_LINE} bytes")
@@ -67,8 +82,17 @@ def parse_request(line: bytes) -> Enqueue | Ping:
     verb = words[0]
     if verb == "PING" and len(words) == 1:
         return Ping()
+    if verb in Command.VERBS:
+        args = tuple(words[1:])
+        if any(not a for a in args) or len(args) > MAX_PATHS:
+            raise ProtocolError(f"{verb} takes paths separated by single spaces")
+        if verb == "STATUS" and args:
+            raise ProtocolError("STATUS takes no arguments")
+        if verb in ("RETRY", "DROP") and not args:
+            raise ProtocolError(f"{verb} needs paths (or --failed for RETRY)")
+        return Command(verb, args)
     if verb != "ENQUEUE":
-        raise ProtocolError(f"unknown request {verb[:20]!r} (expected ENQUEUE or PING)")
+        raise ProtocolError(f"unknown request {verb[:20]!r} (expected ENQUEUE, PING, STATUS, RETRY or DROP)")
     if len(words) < 2 or any(not w for w in words[1:]):
         raise ProtocolError("ENQUEUE needs a .drv path or '-', then paths separated by single spaces")
     drv = None if words[1] == "-" else words[1]

@@ -63,6 +63,16 @@ CREATE TABLE IF NOT EXISTS upstream (  -- answers of upstream caches, kept for t
     present INTEGER NOT NULL,
     checked REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (  -- what happened to each path, for `hookd queue show` and rates
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    path TEXT NOT NULL,
+    event TEXT NOT NULL,             -- queued, uploaded, retry, failed, dropped, requeued
+    bytes INTEGER,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_path ON events(path, time);
+CREATE INDEX IF NOT EXISTS events_time ON events(event, time);
 CREATE TABLE IF NOT EXISTS refs (
     path TEXT NOT NULL,
     ref TEXT NOT NULL,
@@ -73,7 +83,9 @@ CREATE TABLE IF NOT EXISTS refs (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-PENDING, DONE, FAILED, UPSTREAM = "pending", "done", "failed", "upstream"
+PENDING, DONE, FAILED, UPSTREAM, DROPPED = "pending", "done", "failed", "upstream", "dropped"
+STATES = (PENDING, DONE, FAILED, UPSTREAM, DROPPED)
+EVENT_RETENTION = 30 * 86400.0
 SATISFIED = (DONE, UPSTREAM)  # a referrer may be published once each reference is in one of these
 
 
@@ -117,6 +129,18 @@ class Queue:
         self.db = db
         self.store_dir = store_dir
         self._lock = asyncio.Lock()
+        self.readonly = False
+
+    @classmethod
+    async def open_readonly(cls, path: Path, store_dir: str) -> Queue:
+        """For the operator CLI: reads, no schema changes, no writes."""
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (has the daemon ever run with this state directory?)")
+        db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        await db.execute("PRAGMA busy_timeout=10000")
+        queue = cls(db, store_dir)
+        queue.readonly = True
+        return queue
 
     @classmethod
     async def open(cls, path: Path, store_dir: str) -> Queue:
@@ -171,9 +195,7 @@ class Queue:
 
     @_serialized
     async def fail_request(self, request_id: int, error: str) -> None:
-        await self.db.execute(
-            "UPDATE requests SET state = 'failed', error = ? WHERE id = ?", (error, request_id)
-        )
+        await self.db.execute("UPDATE requests SET state = 'failed', error = ? WHERE id = ?", (error, request_id))
 
     @_serialized
     async def plan(
@@ -211,6 +233,12 @@ class Queue:
                 "info = excluded.info, updated = excluded.updated "
                 "WHERE paths.state != excluded.state",
                 rows,
+            )
+            queued = [r[0] for r in rows if r[1] == PENDING]
+            await self.db.executemany(
+                "INSERT INTO events (time, path, event) SELECT ?, ?, 'queued' WHERE NOT EXISTS "
+                "(SELECT 1 FROM paths WHERE path = ? AND state = 'pending' AND updated < ?)",
+                [(now, p, p, now) for p in queued],
             )
             await self.db.executemany(
                 "INSERT OR IGNORE INTO refs (path, ref) VALUES (?, ?)",
@@ -284,15 +312,12 @@ class Queue:
         rows = [(p,) for p in paths]
         await self.db.executemany("DELETE FROM uploaded WHERE path = ?", rows)
         await self.db.executemany(
-            "UPDATE paths SET state = 'pending', attempts = 0, next_try = 0 "
-            "WHERE path = ? AND state = 'done'",
+            "UPDATE paths SET state = 'pending', attempts = 0, next_try = 0 WHERE path = ? AND state = 'done'",
             rows,
         )
 
     @_serialized
-    async def upstream_answers(
-        self, paths: Iterable[str], positive_ttl: float, negative_ttl: float
-    ) -> dict[str, bool]:
+    async def upstream_answers(self, paths: Iterable[str], positive_ttl: float, negative_ttl: float) -> dict[str, bool]:
         """Cached upstream answers still within their TTL."""
         out: dict[str, bool] = {}
         now = time.time()
@@ -361,8 +386,18 @@ class Queue:
                 "UPDATE paths SET state = ?, last_error = ?, next_try = ?, updated = ?, "
                 "attempts = attempts + (CASE WHEN ? = 'done' THEN 0 ELSE 1 END), "
                 "nar_size = COALESCE(?, nar_size), file_size = COALESCE(?, file_size) WHERE path = ?",
+                [(o.state, o.error, o.next_try, now, o.state, o.nar_size, o.file_size, o.path) for o in outcomes],
+            )
+            await self.db.executemany(
+                "INSERT INTO events (time, path, event, bytes, detail) VALUES (?, ?, ?, ?, ?)",
                 [
-                    (o.state, o.error, o.next_try, now, o.state, o.nar_size, o.file_size, o.path)
+                    (
+                        now,
+                        o.path,
+                        {DONE: "uploaded", FAILED: "failed"}.get(o.state, "retry"),
+                        o.file_size,
+                        o.error,
+                    )
                     for o in outcomes
                 ],
             )
@@ -376,6 +411,143 @@ class Queue:
         except BaseException:
             await self.db.execute("ROLLBACK")
             raise
+
+    @_serialized
+    async def list_paths(self, state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        cur = await self.db.execute(
+            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size, created, updated "
+            f"FROM paths {where} ORDER BY id DESC LIMIT ?",
+            (*args, limit),
+        )
+        keys = (
+            "path",
+            "state",
+            "attempts",
+            "next_try",
+            "last_error",
+            "nar_size",
+            "file_size",
+            "created",
+            "updated",
+        )
+        return [dict(zip(keys, row, strict=True)) for row in await cur.fetchall()]
+
+    @_serialized
+    async def path_detail(self, path: str) -> dict[str, Any] | None:
+        cur = await self.db.execute(
+            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size, created, updated "
+            "FROM paths WHERE path = ?",
+            (path,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        keys = (
+            "path",
+            "state",
+            "attempts",
+            "next_try",
+            "last_error",
+            "nar_size",
+            "file_size",
+            "created",
+            "updated",
+        )
+        out: dict[str, Any] = dict(zip(keys, row, strict=True))
+        cur = await self.db.execute("SELECT time, event, bytes, detail FROM events WHERE path = ? ORDER BY id", (path,))
+        out["history"] = [dict(zip(("time", "event", "bytes", "detail"), r, strict=True)) for r in await cur.fetchall()]
+        cur = await self.db.execute("SELECT ref FROM refs WHERE path = ?", (path,))
+        out["references"] = [r[0] for r in await cur.fetchall()]
+        return out
+
+    @_serialized
+    async def retry(self, paths: Sequence[str] = (), failed: bool = False) -> int:
+        """Make failed (or backing-off) paths due now; returns how many."""
+        now = time.time()
+        targets = list(paths)
+        if failed:
+            cur = await self.db.execute("SELECT path FROM paths WHERE state = 'failed'")
+            targets += [r[0] for r in await cur.fetchall()]
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            changed = 0
+            for p in dict.fromkeys(targets):
+                cur = await self.db.execute(
+                    "UPDATE paths SET state = 'pending', attempts = 0, next_try = 0, updated = ? "
+                    "WHERE path = ? AND state IN ('failed', 'pending', 'dropped')",
+                    (now, p),
+                )
+                if cur.rowcount:
+                    changed += 1
+                    await self.db.execute("INSERT INTO events (time, path, event) VALUES (?, ?, 'requeued')", (now, p))
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return changed
+
+    @_serialized
+    async def drop(self, paths: Sequence[str]) -> list[str]:
+        """Stop trying to upload these paths, and the queued paths that refer to them (which could
+        never be published without them). Returns every path dropped."""
+        now = time.time()
+        dropped: list[str] = []
+        todo = list(paths)
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            while todo:
+                p = todo.pop()
+                cur = await self.db.execute(
+                    "UPDATE paths SET state = 'dropped', updated = ? WHERE path = ? AND state IN ('pending', 'failed')",
+                    (now, p),
+                )
+                if not cur.rowcount:
+                    continue
+                dropped.append(p)
+                await self.db.execute("INSERT INTO events (time, path, event) VALUES (?, ?, 'dropped')", (now, p))
+                cur = await self.db.execute("SELECT path FROM refs WHERE ref = ? AND path != ref", (p,))
+                todo.extend(r[0] for r in await cur.fetchall())
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return dropped
+
+    @_serialized
+    async def stats(self) -> dict[str, Any]:
+        """Queue depth by state, upload rates, the oldest pending path and the latest errors."""
+        now = time.time()
+        cur = await self.db.execute("SELECT state, COUNT(*) FROM paths GROUP BY state")
+        counts = dict.fromkeys(STATES, 0)
+        counts.update({r[0]: r[1] for r in await cur.fetchall()})
+        counts["requests to plan"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
+        rates = {}
+        for minutes in (1, 5, 15):
+            cur = await self.db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM events WHERE event = 'uploaded' AND time >= ?",
+                (now - 60 * minutes,),
+            )
+            n, b = await cur.fetchone()  # type: ignore[misc]
+            rates[f"{minutes}m"] = {"paths": n, "bytes": b}
+        cur = await self.db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM events WHERE event = 'uploaded'")
+        total_n, total_b = await cur.fetchone()  # type: ignore[misc]
+        cur = await self.db.execute("SELECT path, created FROM paths WHERE state = 'pending' ORDER BY created LIMIT 1")
+        oldest = await cur.fetchone()
+        cur = await self.db.execute(
+            "SELECT path, state, last_error, updated FROM paths WHERE last_error IS NOT NULL "
+            "AND state IN ('pending', 'failed') ORDER BY updated DESC LIMIT 5"
+        )
+        errors = [dict(zip(("path", "state", "error", "time"), r, strict=True)) for r in await cur.fetchall()]
+        if not self.readonly:
+            await self.db.execute("DELETE FROM events WHERE time < ?", (now - EVENT_RETENTION,))
+        return {
+            "counts": counts,
+            "uploaded": rates,
+            "uploaded_total": {"paths": total_n, "bytes": total_b},
+            "oldest_pending": {"path": oldest[0], "age": now - oldest[1]} if oldest else None,
+            "last_errors": errors,
+        }
 
     @_serialized
     async def attempts(self, path: str) -> int:
@@ -392,8 +564,7 @@ class Queue:
     @_serialized
     async def path_row(self, path: str) -> dict[str, object] | None:
         cur = await self.db.execute(
-            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size "
-            "FROM paths WHERE path = ?",
+            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size FROM paths WHERE path = ?",
             (path,),
         )
         row = await cur.fetchone()

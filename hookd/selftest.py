@@ -65,18 +65,14 @@ def ensure_user(name: str = BUILD_USER) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True
-        )
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
         return pwd.getpwnam(name)
 
 
 class NixEnv:
     """A private Nix: store, state, config and nix-daemon under `root`."""
 
-    def __init__(
-        self, root: Path, post_build_hook: str | None = None, hook_env: Mapping[str, str] = {}
-    ) -> None:
+    def __init__(self, root: Path, post_build_hook: str | None = None, hook_env: Mapping[str, str] = {}) -> None:
         self.root = root
         self.store_dir = str(root / "nix" / "store")
         self.state_dir = root / "nix" / "var" / "nix"
@@ -129,9 +125,7 @@ class NixEnv:
         deadline = time.monotonic() + 20
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"nix-daemon did not start; see {self.log_file}:\n{self.log_file.read_text()}"
-                )
+                raise RuntimeError(f"nix-daemon did not start; see {self.log_file}:\n{self.log_file.read_text()}")
             time.sleep(0.05)
         self.socket.chmod(0o666)
 
@@ -144,9 +138,7 @@ class NixEnv:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def nix(
-        self, *argv: str, user: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def nix(self, *argv: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = _run(argv, self.env, **({"user": user} if user else {}))
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc)
@@ -175,9 +167,7 @@ class NixEnv:
     def closure(self, paths: Iterable[str]) -> list[str]:
         return sorted(str(i["path"]) for i in self.path_info(paths, recursive=True))
 
-    def substitute_fresh(
-        self, paths: Sequence[str], cache_url: str, public_key: str, fresh_root: Path
-    ) -> None:
+    def substitute_fresh(self, paths: Sequence[str], cache_url: str, public_key: str, fresh_root: Path) -> None:
         """Realise `paths` in a new store at `fresh_root` from `cache_url` alone: signatures required,
         builds forbidden. Raises CommandFailed if Nix cannot."""
         conf = fresh_root / "etc"

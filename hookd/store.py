@@ -179,6 +179,17 @@ class Store:
     async def closure(self, paths: Iterable[str]) -> dict[str, PathInfo]:
         return await self.path_info(paths, recursive=True)
 
+    async def read_log(self, drv: str) -> bytes | None:
+        """The build log of a .drv, if Nix kept one."""
+        try:
+            return await self._run(["nix-store", "--read-log", drv])
+        except InvalidPathError:
+            return None
+        except StoreError as e:
+            if "build log" in str(e) and "not available" in str(e):
+                return None
+            raise
+
     async def outputs(self, drvs: Iterable[str]) -> list[str]:
         """The output paths of the given .drv files (all that exist in the store)."""
         drvs = list(drvs)

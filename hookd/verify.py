@@ -84,9 +84,7 @@ async def verify(
             if nar is None:
                 report.problems[key].append(f"its NAR {ni.url} is missing")
             elif ni.file_size is not None and nar.size != ni.file_size:
-                report.problems[key].append(
-                    f"its NAR {ni.url} has {nar.size} bytes, FileSize says {ni.file_size}"
-                )
+                report.problems[key].append(f"its NAR {ni.url} has {nar.size} bytes, FileSize says {ni.file_size}")
             elif deep:
                 report.problems[key].extend(await _deep(backend, ni))
         done += 1

@@ -28,9 +28,7 @@ def vectors() -> Path:
 
 def _require_nix() -> None:
     if os.geteuid() != 0 or not shutil.which("nix-daemon"):
-        pytest.fail(
-            "these tests need root and Debian's nix-bin (run .ci/run, which installs it)", pytrace=False
-        )
+        pytest.fail("these tests need root and Debian's nix-bin (run .ci/run, which installs it)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +42,7 @@ def nixenv() -> Iterator[NixEnv]:
     """A private nix-daemon whose post-build-hook is hookd-hook, talking to <root>/hookd."""
     _require_nix()
     root = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))
-    env = NixEnv(
-        root, selftest.install_launcher(root / "hookd-hook"), {"HOOKD_STATE_DIR": str(root / "hookd")}
-    )
+    env = NixEnv(root, selftest.install_launcher(root / "hookd-hook"), {"HOOKD_STATE_DIR": str(root / "hookd")})
     env.start()
     yield env
     env.stop()

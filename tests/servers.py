@@ -37,9 +37,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
 
 
 class Process:
-    def __init__(
-        self, argv: list[str], port: int, what: str, log: Path, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, argv: list[str], port: int, what: str, log: Path, env: dict[str, str] | None = None) -> None:
         self.port = port
         self.log = log
         with open(log, "ab") as out:

@@ -74,14 +74,10 @@ async def test_round_trip(backend: Backend, tmp_path: Path) -> None:
     assert stat is not None and stat.size == 34 and stat.mtime > 0
 
     small = os.urandom(1000)
-    assert await backend.put_stream(
-        "nar/small.nar.zst", Blob(len(small), data=small), "application/x-nix-nar"
-    )
+    assert await backend.put_stream("nar/small.nar.zst", Blob(len(small), data=small), "application/x-nix-nar")
     big = tmp_path / "big"
     big.write_bytes(os.urandom((21 << 20) + 12345))  # more than four 5 MiB parts on S3
-    assert await backend.put_stream(
-        "nar/big.nar", Blob(big.stat().st_size, path=big), "application/x-nix-nar"
-    )
+    assert await backend.put_stream("nar/big.nar", Blob(big.stat().st_size, path=big), "application/x-nix-nar")
     assert await backend.get("nar/big.nar") == big.read_bytes()
     # an existing NAR key is never overwritten
     assert not await backend.put_stream("nar/small.nar.zst", Blob(3, data=b"xyz"), "application/x-nix-nar")
@@ -125,17 +121,13 @@ async def test_s3_failed_multipart_is_aborted(tmp_path: Path, moto: Moto, aws_en
             await be.close()
     assert failures >= 3
     started = [
-        r
-        for r in proxy.records()
-        if r["method"] == "POST" and "uploads" in str(r["path"]) and r["status"] == 200
+        r for r in proxy.records() if r["method"] == "POST" and "uploads" in str(r["path"]) and r["status"] == 200
     ]
     assert started, "no multipart upload got as far as starting"
     # Uploads whose creation answer the proxy cut off are unknown to the client: only a bucket
     # lifecycle rule can clean those. Every other one was aborted.
     lost = [
-        r
-        for r in proxy.records()
-        if r["method"] == "POST" and "uploads" in str(r["path"]) and r["status"] == "reset"
+        r for r in proxy.records() if r["method"] == "POST" and "uploads" in str(r["path"]) and r["status"] == "reset"
     ]
     assert len(moto.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == len(lost)
     proxy.stop()

@@ -45,9 +45,7 @@ def test_builds_are_uploaded_and_substitute(
     cache = tmp_path / "cache"
     check_cache(nixenv, cache, outs, hookd.public_key, tmp_path / "fresh")
 
-    assert (
-        cache / "nix-cache-info"
-    ).read_text() == f"StoreDir: {nixenv.store_dir}\nWantMassQuery: 1\nPriority: 50\n"
+    assert (cache / "nix-cache-info").read_text() == f"StoreDir: {nixenv.store_dir}\nWantMassQuery: 1\nPriority: 50\n"
     key = signing.PublicKey.parse(hookd.public_key)
     for p in nixenv.closure(outs):
         info = narinfo.parse((cache / narinfo.narinfo_key(p)).read_text())
@@ -223,9 +221,7 @@ def test_keygen_key_is_accepted_by_nix(
     assert os.stat(sk).st_mode & 0o077 == 0
 
 
-def test_nar_writer_matches_nix_store_dump_on_real_paths(
-    nixenv: NixEnv, build_user: str, tmp_path: Path
-) -> None:
+def test_nar_writer_matches_nix_store_dump_on_real_paths(nixenv: NixEnv, build_user: str, tmp_path: Path) -> None:
     from hookd import nar
 
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
@@ -265,9 +261,7 @@ def test_full_disk_is_retried_until_there_is_room(
     grows."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cache)], capture_output=True
-    )
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cache)], capture_output=True)
     assert mounted.returncode == 0, f"cannot mount a tmpfs for the full-disk test: {mounted.stderr!r}"
     hookd = hookd_factory(
         env={"HOOKD_RETRY_BASE": "0.2", "HOOKD_RETRY_MAX": "1", "HOOKD_COMPRESSION": "none"}, start=False

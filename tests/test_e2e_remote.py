@@ -48,9 +48,7 @@ class RemoteCache:
             moto.make_bucket(self.bucket)
             self.proxy = FaultProxy(tmp, moto.url, rate, s3=True)
             creds = tmp / "aws-credentials"
-            creds.write_text(
-                f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
-            )
+            creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
             self.upload_url = (
                 f"s3://{self.bucket}?endpoint={self.proxy.url}&region=us-east-1&addressing=path"
                 f"&credentials-file={creds}"
@@ -113,9 +111,7 @@ class RemoteCache:
             assert done[info.url] <= starts[key], f"{key} was written before its NAR {info.url}"
             for ref in info.references:
                 if ref[:32] != key[:32]:
-                    assert done[f"{ref[:32]}.narinfo"] <= starts[key], (
-                        f"{key} was written before its reference {ref}"
-                    )
+                    assert done[f"{ref[:32]}.narinfo"] <= starts[key], f"{key} was written before its reference {ref}"
 
     def faults(self) -> Counter[str]:
         return Counter(str(r["fault"]) for r in self.proxy.records() if r["fault"])

@@ -16,10 +16,7 @@ from hookd import nar, narinfo, nixbase32, signing, storepath
 
 
 def test_nixbase32_vectors() -> None:
-    assert (
-        nixbase32.encode(hashlib.sha256(b"").digest())
-        == "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
-    )
+    assert nixbase32.encode(hashlib.sha256(b"").digest()) == "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
     assert nixbase32.encoded_length(20) == 32
     assert nixbase32.parse_hash("sha256-i1apTc+w8QCr6MGGn0RLjpmispX8oml7bHQCZOxaENE=") == nixbase32.decode(
         "1l8hbbn680kldixnk8pwjnra56cf9d29z1n1x2mh1wdhrx6sjmlb"
@@ -59,10 +56,7 @@ def test_nar_dump_matches_nix(vectors: Path, tmp_path: Path) -> None:
     tree = extract_tree(vectors, tmp_path)
     dumped = b"".join(nar.dump(tree))
     assert dumped == (vectors / "tree.nar").read_bytes()
-    assert (
-        nixbase32.encode(hashlib.sha256(dumped).digest())
-        == "1l8hbbn680kldixnk8pwjnra56cf9d29z1n1x2mh1wdhrx6sjmlb"
-    )
+    assert nixbase32.encode(hashlib.sha256(dumped).digest()) == "1l8hbbn680kldixnk8pwjnra56cf9d29z1n1x2mh1wdhrx6sjmlb"
     assert b"".join(nar.dump(tree / "hello.txt")) == (vectors / "hello.nar").read_bytes()
 
 
@@ -97,9 +91,7 @@ def test_nar_parse_rejects(vectors: Path, mutate: object) -> None:
         nar.parse(io.BytesIO(mutate(data)))  # type: ignore[operator]
 
 
-names = st.binary(min_size=1, max_size=12).filter(
-    lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b"..")
-)
+names = st.binary(min_size=1, max_size=12).filter(lambda n: b"/" not in n and b"\0" not in n and n not in (b".", b".."))
 trees = st.recursive(
     st.one_of(
         st.builds(nar.Regular, st.binary(max_size=300), st.booleans()),
@@ -182,9 +174,7 @@ def test_narinfo_rejects(text: str, field: str) -> None:
 
 
 store_names = st.from_regex(r"[A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{0,30}", fullmatch=True)
-base_names = st.builds(
-    lambda h, n: f"{nixbase32.encode(h)}-{n}", st.binary(min_size=20, max_size=20), store_names
-)
+base_names = st.builds(lambda h, n: f"{nixbase32.encode(h)}-{n}", st.binary(min_size=20, max_size=20), store_names)
 
 
 @settings(max_examples=100)

@@ -41,9 +41,7 @@ class Cache:
         self.narinfos[h(n)] = gc.Entry(key, f"/nix/store/{h(n)}-p{n}", url, tuple(h(r) for r in refs), deriver,
                                        size, NOW - age, 100)  # fmt: skip
 
-    def snap(
-        self, pins: dict[str, str] | None = None, malformed: dict[str, str] | None = None
-    ) -> gc.Snapshot:
+    def snap(self, pins: dict[str, str] | None = None, malformed: dict[str, str] | None = None) -> gc.Snapshot:
         return gc.Snapshot(dict(self.objects), dict(self.narinfos), malformed or {}, set(), pins or {}, [])
 
 
@@ -146,11 +144,7 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 def listing(root: Path) -> dict[str, tuple[int, float]]:
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime)
-        for p in root.rglob("*")
-        if p.is_file()
-    }
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime) for p in root.rglob("*") if p.is_file()}
 
 
 def backdate(path: Path, seconds: float) -> None:
@@ -183,9 +177,7 @@ def test_gc_on_a_file_cache_built_by_real_uploads(
     assert text.strip() == f"dev\t{dev}"
 
     before = listing(cache)
-    code, text = invoke(
-        "gc", "--cache", url, "--older-than", "1d", "--grace", "1h", "--dry-run", "--json", *state
-    )
+    code, text = invoke("gc", "--cache", url, "--older-than", "1d", "--grace", "1h", "--dry-run", "--json", *state)
     assert code == 0, text
     dry = json.loads(text)
     assert listing(cache) == before  # a dry run changes nothing
@@ -213,16 +205,11 @@ def test_gc_on_a_file_cache_built_by_real_uploads(
     assert (cache / narinfo.narinfo_key(top)).exists()
 
 
-def test_gc_budget_and_lease(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
-) -> None:
+def test_gc_budget_and_lease(nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     hookd = hookd_factory()
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
-    tops = [
-        nixenv.build(expr, ["top"], user=build_user, args={"salt": f"{time.time_ns()}-{i}"})[0]
-        for i in range(3)
-    ]
+    tops = [nixenv.build(expr, ["top"], user=build_user, args={"salt": f"{time.time_ns()}-{i}"})[0] for i in range(3)]
     wait_for_narinfos(cache, nixenv.closure(tops))
     hookd.stop()
     for i, t in enumerate(tops):  # three closures used 3, 2 and 1 hours ago
@@ -244,10 +231,7 @@ def test_gc_budget_and_lease(
     assert code == 0, text
     assert json.loads(text)["dropped_roots"] >= 2
     assert (cache / narinfo.narinfo_key(tops[2])).exists()  # the newest closure fits the budget
-    assert (
-        not (cache / narinfo.narinfo_key(tops[0])).exists()
-        and not (cache / narinfo.narinfo_key(tops[1])).exists()
-    )
+    assert not (cache / narinfo.narinfo_key(tops[0])).exists() and not (cache / narinfo.narinfo_key(tops[1])).exists()
     assert invoke("verify", "--cache", url, *state)[0] == 0
 
 
@@ -319,9 +303,7 @@ def test_gc_and_verify_survive_garbage_in_the_cache(tmp_path: Path) -> None:
     code, text = invoke("gc", "--cache", url, "--older-than", "1s", "--grace", "0s", "--json", *state)
     assert code == 0, text
     out = json.loads(text)
-    assert set(out["malformed"]) == {f"{h(1)}.narinfo", f"{h(2)}.narinfo"} and out["unknown"] == [
-        "README.txt"
-    ]
+    assert set(out["malformed"]) == {f"{h(1)}.narinfo", f"{h(2)}.narinfo"} and out["unknown"] == ["README.txt"]
     assert (cache / "README.txt").exists() and (cache / f"{h(1)}.narinfo").exists()
     code, text = invoke("verify", "--cache", url, *state)
     assert code == 1 and "cannot be parsed" in text
@@ -408,9 +390,7 @@ def test_uploads_while_gc_runs_again_and_again(
         )[0]
         == 0
     )
-    b = HookdProcess(
-        nixenv, tmp_path / "state-b", url, ("--cache", url, "--secret-key-file", str(b_key)), env
-    )
+    b = HookdProcess(nixenv, tmp_path / "state-b", url, ("--cache", url, "--secret-key-file", str(b_key)), env)
     b.start()
     gc_env = dict(os.environ, **env)
     stop = threading.Event()
@@ -440,9 +420,7 @@ def test_uploads_while_gc_runs_again_and_again(
                 text=True,
             )
             runs.append(proc.returncode)
-            deleted.extend(
-                int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("deleted ")
-            )
+            deleted.extend(int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("deleted "))
             if proc.returncode != 0:
                 outputs.append(proc.stdout + proc.stderr)
             time.sleep(0.5)
@@ -455,9 +433,7 @@ def test_uploads_while_gc_runs_again_and_again(
         deadline = time.monotonic() + 25
         i = 0
         while time.monotonic() < deadline:
-            top, dev = nixenv.build(
-                expr, ["top", "multi.dev"], user=build_user, args={"salt": f"gc-{time.time_ns()}"}
-            )
+            top, dev = nixenv.build(expr, ["top", "multi.dev"], user=build_user, args={"salt": f"gc-{time.time_ns()}"})
             tops.append(top)
             if i == 1:
                 wait_for_s3 = time.monotonic() + 30

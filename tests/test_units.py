@@ -146,9 +146,7 @@ def test_config_errors(tmp_path: Path, toml: str, message: str) -> None:
 
 def test_keygen_cli(tmp_path: Path) -> None:
     sk, pk = tmp_path / "sk", tmp_path / "pk"
-    result = CliRunner().invoke(
-        main, ["keygen", "cache-1", "--secret-key-file", str(sk), "--public-key-file", str(pk)]
-    )
+    result = CliRunner().invoke(main, ["keygen", "cache-1", "--secret-key-file", str(sk), "--public-key-file", str(pk)])
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(sk.stat().st_mode) == 0o600
     secret = keys.load_secret_key(sk)
@@ -172,12 +170,8 @@ def test_secret_key_permissions(tmp_path: Path) -> None:
 
 
 def test_hook_imports_only_the_standard_library() -> None:
-    code = (
-        "import sys; before = set(sys.modules); import hookd.hook; print(sorted(set(sys.modules) - before))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True
-    ).stdout
+    code = "import sys; before = set(sys.modules); import hookd.hook; print(sorted(set(sys.modules) - before))"
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() in (
         "['hookd', 'hookd.hook', 'hookd.protocol']",
         "['_socket', 'hookd', 'hookd.hook', 'hookd.protocol']",
@@ -186,9 +180,7 @@ def test_hook_imports_only_the_standard_library() -> None:
 
 def run_hook(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full = {"PATH": os.environ["PATH"], **env}
-    return subprocess.run(
-        [sys.executable, "-m", "hookd.hook"], env=full, capture_output=True, text=True, timeout=10
-    )
+    return subprocess.run([sys.executable, "-m", "hookd.hook"], env=full, capture_output=True, text=True, timeout=10)
 
 
 def test_hook_spools_without_daemon(tmp_path: Path) -> None:

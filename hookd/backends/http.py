@@ -84,9 +84,7 @@ class HttpBackend(Backend):
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=self.ssl)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, headers=self.headers
-            )
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self.headers)
         return self._session
 
     async def close(self) -> None:
@@ -102,9 +100,7 @@ class HttpBackend(Backend):
             async with self._sess().request(
                 method, f"{self.base}/{key}", data=data, headers=headers, allow_redirects=False
             ) as resp:
-                wanted = (method == "GET" and resp.status == 200) or (
-                    method == "PROPFIND" and resp.status == 207
-                )
+                wanted = (method == "GET" and resp.status == 200) or (method == "PROPFIND" and resp.status == 207)
                 body = await resp.read() if wanted else b""
                 if not wanted:
                     await resp.release()
@@ -235,9 +231,7 @@ def _basic(user: str, password: str) -> str:
 
 def _safe(e: BaseException) -> bool:
     """Whether an aiohttp error's text is safe to show (it never holds more than host and port)."""
-    return isinstance(
-        e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError
-    )
+    return isinstance(e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError)
 
 
 async def _chunks(blob: Blob) -> AsyncIterator[bytes]:

@@ -96,15 +96,14 @@ class RetryPolicy:
     attempts: int = 6
     base: float = 0.25
     cap: float = 20.0
+    on_retry: Callable[[], object] | None = None  # counts retries (metrics)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         jitter = random.uniform(0, min(self.cap, self.base * 2**attempt))
         return max(jitter, retry_after or 0.0)
 
 
-async def with_retries(
-    what: str, op: Callable[[], Awaitable[T]], policy: RetryPolicy, rate: AdaptiveRate
-) -> T:
+async def with_retries(what: str, op: Callable[[], Awaitable[T]], policy: RetryPolicy, rate: AdaptiveRate) -> T:
     """Run `op`, repeating it on RetryableError until the policy's attempts are spent."""
     for attempt in range(policy.attempts):
         await rate.acquire()
@@ -116,6 +115,8 @@ async def with_retries(
             if attempt + 1 >= policy.attempts:
                 raise BackendError(f"{what}: {e} (gave up after {policy.attempts} attempts)") from None
             delay = policy.delay(attempt, e.retry_after)
+            if policy.on_retry is not None:
+                policy.on_retry()
             log.debug("%s: %s; retry %d in %.2fs", what, e, attempt + 1, delay)
             await asyncio.sleep(delay)
         else:

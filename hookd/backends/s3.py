@@ -168,9 +168,7 @@ class S3Backend(Backend):
     async def _multipart(self, key: str, blob: Blob, content_type: str) -> None:
         part_size = max(self.part_size, -(-blob.size // MAX_PARTS))
         count = -(-blob.size // part_size)
-        created = await self._call(
-            "create_multipart_upload", key, Key=self._key(key), **self._extra(content_type)
-        )
+        created = await self._call("create_multipart_upload", key, Key=self._key(key), **self._extra(content_type))
         upload_id = created["UploadId"]
         gate = asyncio.Semaphore(self.part_concurrency)
 
@@ -212,18 +210,14 @@ class S3Backend(Backend):
         async def once() -> Any:
             client = await self._c()
             try:
-                return await client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id
-                )
+                return await client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
             except Exception as e:
                 return _classify(what, e)
 
         try:
             await with_retries(what, once, RetryPolicy(attempts=max(5, self.policy.attempts)), self.rate)
         except Exception as e:
-            log.warning(
-                "%s failed (%s); a bucket lifecycle rule for incomplete uploads will clean it up", what, e
-            )
+            log.warning("%s failed (%s); a bucket lifecycle rule for incomplete uploads will clean it up", what, e)
 
     async def touch(self, key: str, content_type: str) -> bool:
         """Copy the object onto itself with replaced metadata: a new last-modified, no bytes sent."""

@@ -104,9 +104,7 @@ def main() -> None:
             time.sleep(0.3)
             new = classify(proxy.records()[before:])
             puts = sum(v for k, v in new.items() if k.startswith("PUT"))
-            print(
-                f"re-enqueue, recorded, {label}: planned in {elapsed:.3f}s; PUTs {puts}; requests {dict(new)}"
-            )
+            print(f"re-enqueue, recorded, {label}: planned in {elapsed:.3f}s; PUTs {puts}; requests {dict(new)}")
         hookd.stop()
 
         # 2. half of it in the cache, unknown to a fresh state directory

@@ -75,9 +75,7 @@ def main() -> None:
         )
         results["hook launcher, daemon up, small"] = timed(run_hook(small), args.runs)
         results["hook launcher, daemon up, 256 MiB"] = timed(run_hook(big), args.runs)
-        results["hookd-hook console script, daemon up, small"] = timed(
-            run_hook(small, console_hook()), args.runs
-        )
+        results["hookd-hook console script, daemon up, small"] = timed(run_hook(small, console_hook()), args.runs)
         hookd.stop()
         spool = state / "spool"
         results["hook launcher, daemon down (spool), small"] = timed(run_hook(small), args.runs)

@@ -76,9 +76,7 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def run_hookd(
-    nix: NixEnv, root: Path, url: str, path: str, closure: list[str], has, env: dict[str, str]
-) -> dict:
+def run_hookd(nix: NixEnv, root: Path, url: str, path: str, closure: list[str], has, env: dict[str, str]) -> dict:
     state = root / f"hookd-{uuid.uuid4().hex[:6]}"
     hookd = HookdProcess(nix, state, url, ("--log-level", "warning"), env)
     hookd.start()
@@ -144,9 +142,7 @@ def main() -> None:
         for name, path in workloads.items():
             closure = nix.closure([path])
             for p in closure:  # warm the page cache, so the first contender is not the only one reading disk
-                subprocess.run(
-                    ["nix-store", "--dump", p], env=dict(nix.env), stdout=subprocess.DEVNULL, check=True
-                )
+                subprocess.run(["nix-store", "--dump", p], env=dict(nix.env), stdout=subprocess.DEVNULL, check=True)
             size = sum(int(i["narSize"]) for i in nix.path_info(closure))  # type: ignore[call-overload]
             for where, base in (("loopback", nginx.url), ("20ms proxy", delayed.url)):
                 for tool in ("hookd", "nix copy"):
