@@ -555,7 +555,7 @@ def queue(ctx: click.Context, state: str | None, as_json: bool, config_file: Pat
     for r in rows:
         nxt = format_duration(r["next_try"] - now) if r["state"] == "pending" and r["next_try"] > now else ""
         size = format_size(r["file_size"]) if r["file_size"] else ""
-        err = (r["last_error"] or "")[:80] if r["state"] != "done" else ""
+        err = (r["last_error"] or "").removeprefix(r["path"] + ": ")[:80] if r["state"] != "done" else ""
         click.echo(f"{r['path']:{width}}  {r['state']:9} {r['attempts']:>5}  {size:>10}  {nxt:>9}  {err}")
 
 

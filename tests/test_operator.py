@@ -1,0 +1,233 @@
+"""The operator CLI against a running and a stopped daemon with real uploads; systemd notifications;
+the metrics endpoint; build logs through the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from hookd.cli import main
+from hookd.selftest import CHAIN_NIX, HookdProcess, NixEnv, wait_for_narinfos
+
+from .conftest import HookdFactory
+from .servers import free_port
+from .test_dedup import wait_idle
+
+LOG_NIX = r"""
+{ salt }:
+derivation {
+  name = "noisy";
+  inherit salt;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo hello from the build log of $salt; echo done > $out" ];
+}
+"""
+
+
+def cli(hookd: HookdProcess, *args: str) -> tuple[int, str]:
+    env = {
+        "HOOKD_STATE_DIR": str(hookd.state_dir),
+        "HOOKD_CACHE": hookd.cache_url,
+        "HOOKD_CONFIG": "/dev/null",
+        "HOOKD_STORE_DIR": hookd.nix.store_dir,
+    }
+    result = CliRunner().invoke(main, list(args), env=env)
+    return result.exit_code, result.output
+
+
+def tamper(path: str) -> None:
+    os.chmod(path, 0o644)
+    Path(path).write_text("tampered\n")
+
+
+def test_operator_commands_with_the_daemon_up_and_down(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    hookd = hookd_factory(env={"HOOKD_RETRY_BASE": "0.1"})
+    hookd.stop()
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    top, doc = nixenv.build(expr, ["top", "multi.doc"], user=build_user, args={"salt": str(time.time_ns())})
+    tamper(doc)  # this one will be refused
+    hookd.start()
+    wait_for_narinfos(tmp_path / "cache", nixenv.closure([top]))
+    wait_idle(hookd)
+
+    code, text = cli(hookd, "status", "--json")
+    assert code == 0, text
+    st = json.loads(text)
+    assert st["daemon"]["up"] and st["cache"]["answers"]
+    assert st["counts"]["done"] >= 5 and st["counts"]["failed"] == 1
+    assert st["uploaded_total"]["paths"] >= 5 and st["uploaded"]["5m"]["paths"] >= 5
+    assert any(doc == e["path"] for e in st["last_errors"])
+    code, text = cli(hookd, "status")
+    assert code == 0 and "daemon     up" in text and "answers" in text and "1 failed" in text
+
+    code, text = cli(hookd, "queue", "--json")
+    rows = {r["path"]: r for r in json.loads(text)}
+    assert rows[top]["state"] == "done" and rows[doc]["state"] == "failed"
+    code, text = cli(hookd, "queue", "--state", "failed")
+    assert doc in text and top not in text and "do not match" in text
+    code, text = cli(hookd, "queue", "show", top)
+    assert code == 0 and "state       done" in text and "queued" in text and "uploaded" in text
+    code, text = cli(hookd, "queue", "show", doc, "--json")
+    detail = json.loads(text)
+    assert detail["state"] == "failed" and [e["event"] for e in detail["history"]] == ["queued", "failed"]
+
+    code, text = cli(hookd, "queue", "retry", "--failed")
+    assert code == 0 and "1 paths queued" in text
+    deadline = time.monotonic() + 20
+    while json.loads(cli(hookd, "queue", "show", doc, "--json")[1])["history"][-1]["event"] != "failed" or \
+            len(json.loads(cli(hookd, "queue", "show", doc, "--json")[1])["history"]) < 4:  # fmt: skip
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    code, text = cli(hookd, "queue", "drop", doc)
+    assert code == 0 and f"dropped {doc}" in text
+
+    # and with the daemon stopped: everything reads the state directly
+    hookd.stop()
+    code, text = cli(hookd, "status", "--json")
+    st = json.loads(text)
+    assert code == 0 and st["daemon"] == {"up": False} and st["counts"]["dropped"] == 1
+    assert "NOT RUNNING" in cli(hookd, "status")[1]
+    assert cli(hookd, "queue", "retry", doc)[1].startswith("1 paths queued")
+    code, text = cli(hookd, "queue", "--state", "pending")
+    assert doc in text
+    assert cli(hookd, "queue", "drop", doc)[1].startswith(f"dropped {doc}")
+    assert top in cli(hookd, "queue", "--state", "done")[1]
+
+
+def test_operator_commands_refuse_others_clearly(nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str) -> None:
+    import pwd
+
+    hookd = hookd_factory()
+    os.chmod(hookd.state_dir, 0o700)
+    pw = pwd.getpwnam(build_user)
+    env = {"HOOKD_STATE_DIR": str(hookd.state_dir), "HOOKD_CONFIG": "/dev/null", "PATH": os.environ["PATH"]}
+    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+    # the build user cannot run our venv's python from /root: use the interpreter through a copy-free route
+    proc = subprocess.run([sys.executable, "-c", f"import os; os.setgid({pw.pw_gid}); os.setuid({pw.pw_uid}); "
+                           f"os.execv({sys.executable!r}, [{sys.executable!r}, {hookd_bin!r}, 'status'])"],
+                          env=env, capture_output=True, text=True)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "run as root or as a member" in out or "Permission denied" in out, out
+
+
+def test_push_wait_on_a_terminal(nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path) -> None:
+    hookd = hookd_factory()
+    hookd.stop()
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    salt = str(time.time_ns())
+    top, doc = nixenv.build(expr, ["top", "multi.doc"], user=build_user, args={"salt": salt})
+    for f in (hookd.state_dir / "spool").glob("*.req"):  # as if these had been substituted, not built
+        f.unlink()
+    hookd.start()
+    env = dict(os.environ, HOOKD_STATE_DIR=str(hookd.state_dir), HOOKD_CACHE=hookd.cache_url,
+               HOOKD_CONFIG="/dev/null", HOOKD_STORE_DIR=nixenv.store_dir, **nixenv.env)  # fmt: skip
+    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+
+    def on_pty(*args: str) -> tuple[int, str]:
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([hookd_bin, "push", "--wait", *args], stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+        return proc.wait(60), out.decode(errors="replace")
+
+    code, out = on_pty(top)
+    assert code == 0, out
+    assert "\r" in out and "[##############################]" in out and "4/4 paths" in out
+    tamper(doc)
+    code, out = on_pty(doc)
+    assert code == 1 and "failed" in out and doc in out
+    # not a terminal: one plain line per path
+    proc = subprocess.run([hookd_bin, "push", "--wait", top], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "\r" not in proc.stdout
+    assert sum(line.startswith("uploaded /") for line in proc.stdout.splitlines()) == 4
+
+
+def test_systemd_notifications(nixenv: NixEnv, hookd_factory: HookdFactory, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(15)
+    hookd = hookd_factory(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    messages: list[str] = []
+    deadline = time.monotonic() + 15
+    while not (any("WATCHDOG=1" in m for m in messages) and any(m.startswith("READY=1") for m in messages)):
+        assert time.monotonic() < deadline, messages
+        messages.append(sock.recv(4096).decode())
+    assert any("STATUS=queue: 0 pending" in m for m in messages)
+    hookd.stop()
+    while not any("STOPPING=1" in m for m in messages):
+        messages.append(sock.recv(4096).decode())
+    sock.close()
+
+
+def test_metrics_match_what_was_uploaded(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    hookd = hookd_factory(env={"HOOKD_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    outs = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
+    closure = nixenv.closure(outs)
+    wait_for_narinfos(tmp_path / "cache", closure)
+    wait_idle(hookd)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert samples[("hookd_uploads_total", ())] == len(closure)
+    nar_bytes = sum(int(i["narSize"]) for i in nixenv.path_info(closure))  # type: ignore[call-overload]
+    assert samples[("hookd_nar_bytes_total", ())] == nar_bytes
+    assert samples[("hookd_upload_seconds_count", ())] == len(closure)
+    assert samples[("hookd_queue_paths", (("state", "done"),))] == len(closure)
+    assert samples[("hookd_requests_total", ())] == 4  # one per derivation built
+
+
+def test_build_logs_reach_nix_through_the_cache(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    hookd = hookd_factory(env={"HOOKD_UPLOAD_BUILD_LOGS": "true"})
+    salt = str(time.time_ns())
+    expr = nixenv.write_expr("noisy.nix", LOG_NIX)
+    [out] = nixenv.build(expr, [], user=build_user, args={"salt": salt})
+    drv = nixenv.nix("nix-store", "--query", "--deriver", out).stdout.strip()
+    cache = tmp_path / "cache"
+    deadline = time.monotonic() + 30
+    while not (cache / "log" / Path(drv).name).exists():
+        assert time.monotonic() < deadline, hookd.log()
+        time.sleep(0.1)
+    wait_for_narinfos(cache, [out])
+    fresh = tmp_path / "fresh"
+    conf = fresh / "etc"
+    conf.mkdir(parents=True)
+    (conf / "nix.conf").write_text(f"experimental-features = nix-command\nsubstituters = file://{cache}\n"
+                                   f"trusted-public-keys = {hookd.public_key}\n")  # fmt: skip
+    env = dict(nixenv.env, NIX_CONF_DIR=str(conf), NIX_REMOTE="")
+    proc = subprocess.run(["nix", "log", "--store", str(fresh / "root"), out], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"hello from the build log of {salt}" in proc.stdout
