@@ -101,11 +101,11 @@ class NarinfoIndex:
     def lookup_all(self, objs: Iterable[ObjectStat]) -> dict[str, dict[str, Any]]:
         """The records of those objects whose tag is unchanged (one pass over the index)."""
         tags = {o.key: self.tag(o) for o in objs}
-        out = {}
-        for key, tag, data in self.db.execute("SELECT key, tag, data FROM narinfo"):
-            if tags.get(key) == tag:
-                out[key] = json.loads(data)
-        return out
+        rows = [(key, data) for key, tag, data in self.db.execute("SELECT key, tag, data FROM narinfo")
+                if tags.get(key) == tag]  # fmt: skip
+        # one JSON document for all of them: a single parse is several times faster than one per record
+        values = json.loads("[" + ",".join(data for _, data in rows) + "]")
+        return {key: value for (key, _), value in zip(rows, values, strict=True)}
 
     def store(self, items: Iterable[tuple[ObjectStat, dict[str, Any]]]) -> None:
         self.db.executemany(
@@ -339,7 +339,7 @@ def plan(
 
     # sweep lists: narinfos (unmarked, then broken), NARs, then listings and logs
     deleted: set[str] = set()
-    for h, e in sorted(infos.items(), key=lambda kv: (kv[0] in broken, kv[0])):
+    for h, e in infos.items():
         if h in marked and h not in broken:
             out.stats["narinfos kept"].add(e.size)
         elif e.mtime >= young:
@@ -348,6 +348,7 @@ def plan(
             out.delete_narinfos.append(e.key)
             out.stats["narinfos broken, deleted" if h in broken else "narinfos deleted"].add(e.size)
             deleted.add(h)
+    out.delete_narinfos.sort(key=lambda k: (k[:32] in broken, k))  # unmarked first, then broken
     remaining = {e.url for h, e in infos.items() if h not in deleted}
     for key, obj in snap.objects.items():
         if not key.startswith("nar/"):
