@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import narinfo
 from .backends import Backend, ObjectStat
@@ -53,9 +53,8 @@ class GcError(RuntimeError):
     """GC cannot run (another one holds the lease, the cache cannot be listed, bad options)."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What GC needs of one narinfo."""
+class Entry(NamedTuple):
+    """What GC needs of one narinfo (a tuple: GC builds a hundred thousand of them)."""
 
     key: str
     store_path: str
@@ -350,8 +349,19 @@ def plan(
             deleted.add(h)
     out.delete_narinfos.sort(key=lambda k: (k[:32] in broken, k))  # unmarked first, then broken
     remaining = {e.url for h, e in infos.items() if h not in deleted}
+    kept_derivers = {e.deriver for h, e in infos.items() if h not in deleted and e.deriver}
+    deleted_derivers = {infos[h].deriver for h in deleted if infos[h].deriver} - kept_derivers
     for key, obj in snap.objects.items():
         if not key.startswith("nar/"):
+            if key.endswith(".ls") and "/" not in key:
+                h = key[:-3]
+                gone = h in deleted or h not in infos
+                if gone and obj.mtime < young and len(h) == 32:
+                    out.delete_other.append(key)
+                    out.stats["listings deleted"].add(obj.size)
+            elif key.startswith("log/") and key[4:] in deleted_derivers and obj.mtime < young:
+                out.delete_other.append(key)
+                out.stats["logs deleted"].add(obj.size)
             continue
         if key in remaining:
             out.stats["NARs kept"].add(obj.size)
@@ -362,18 +372,6 @@ def plan(
         else:
             out.delete_nars.append(key)
             out.stats["NARs deleted"].add(obj.size)
-    kept_derivers = {e.deriver for h, e in infos.items() if h not in deleted and e.deriver}
-    deleted_derivers = {infos[h].deriver for h in deleted if infos[h].deriver} - kept_derivers
-    for key, obj in snap.objects.items():
-        if key.endswith(".ls") and "/" not in key:
-            h = key[:-3]
-            gone = h in deleted or h not in infos
-            if gone and obj.mtime < young and len(h) == 32:
-                out.delete_other.append(key)
-                out.stats["listings deleted"].add(obj.size)
-        elif key.startswith("log/") and key[4:] in deleted_derivers and obj.mtime < young:
-            out.delete_other.append(key)
-            out.stats["logs deleted"].add(obj.size)
     return out
 
 
