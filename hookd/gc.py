@@ -70,7 +70,7 @@ class Entry(NamedTuple):
         return self.key[:32]
 
 
-@dataclass
+@dataclass(repr=False)  # asyncio reprs a finished task's result: keep that cheap for 10^5 objects
 class Snapshot:
     objects: dict[str, ObjectStat]
     narinfos: dict[str, Entry]  # by hash part
@@ -79,6 +79,9 @@ class Snapshot:
     pins: dict[str, str]  # name -> store path
     unknown: list[str]
     narinfo_reads: int = 0
+
+    def __repr__(self) -> str:
+        return f"Snapshot({len(self.objects)} objects, {len(self.narinfos)} narinfos)"
 
 
 # --- the narinfo index --------------------------------------------------------------------------
@@ -235,7 +238,7 @@ class Category:
         self.bytes += size
 
 
-@dataclass
+@dataclass(repr=False)
 class GcPlan:
     now: float
     grace: float
@@ -247,6 +250,9 @@ class GcPlan:
     stats: dict[str, Category] = field(default_factory=lambda: defaultdict(Category))
     malformed: dict[str, str] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"GcPlan({len(self.deletions)} deletions)"
 
     @property
     def deletions(self) -> list[str]:
