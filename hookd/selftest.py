@@ -323,7 +323,9 @@ def run(keep: bool = False, echo: bool = True) -> Path:
         hookd.start()
         say(f"hookd daemon up; public key {hookd.public_key}")
         expr = nix.write_expr("chain.nix", CHAIN_NIX)
-        outs = nix.build(expr, ["top", "multi"], user=user.pw_name, args={"salt": str(time.time_ns())})
+        outs = nix.build(
+            expr, ["top", "multi.out", "multi.dev", "multi.doc"], user=user.pw_name, args={"salt": str(time.time_ns())}
+        )
         closure = nix.closure(outs)
         say(f"built as {user.pw_name}: {len(outs)} outputs, closure of {len(closure)} paths")
         wait_for_narinfos(cache, closure)
