@@ -85,6 +85,7 @@ T = TypeVar("T")
 
 PENDING, DONE, FAILED, UPSTREAM, DROPPED = "pending", "done", "failed", "upstream", "dropped"
 STATES = (PENDING, DONE, FAILED, UPSTREAM, DROPPED)
+PATH_COLUMNS = ("path", "state", "attempts", "next_try", "last_error", "nar_size", "file_size", "created", "updated")
 EVENT_RETENTION = 30 * 86400.0
 SATISFIED = (DONE, UPSTREAM)  # a referrer may be published once each reference is in one of these
 
@@ -416,45 +417,21 @@ class Queue:
     async def list_paths(self, state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
         cur = await self.db.execute(
-            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size, created, updated "
-            f"FROM paths {where} ORDER BY id DESC LIMIT ?",
+            f"SELECT {', '.join(PATH_COLUMNS)} FROM paths {where} ORDER BY id DESC LIMIT ?",
             (*args, limit),
         )
-        keys = (
-            "path",
-            "state",
-            "attempts",
-            "next_try",
-            "last_error",
-            "nar_size",
-            "file_size",
-            "created",
-            "updated",
-        )
-        return [dict(zip(keys, row, strict=True)) for row in await cur.fetchall()]
+        return [dict(zip(PATH_COLUMNS, row, strict=True)) for row in await cur.fetchall()]
 
     @_serialized
     async def path_detail(self, path: str) -> dict[str, Any] | None:
         cur = await self.db.execute(
-            "SELECT path, state, attempts, next_try, last_error, nar_size, file_size, created, updated "
-            "FROM paths WHERE path = ?",
+            f"SELECT {', '.join(PATH_COLUMNS)} FROM paths WHERE path = ?",
             (path,),
         )
         row = await cur.fetchone()
         if row is None:
             return None
-        keys = (
-            "path",
-            "state",
-            "attempts",
-            "next_try",
-            "last_error",
-            "nar_size",
-            "file_size",
-            "created",
-            "updated",
-        )
-        out: dict[str, Any] = dict(zip(keys, row, strict=True))
+        out: dict[str, Any] = dict(zip(PATH_COLUMNS, row, strict=True))
         cur = await self.db.execute("SELECT time, event, bytes, detail FROM events WHERE path = ? ORDER BY id", (path,))
         out["history"] = [dict(zip(("time", "event", "bytes", "detail"), r, strict=True)) for r in await cur.fetchall()]
         cur = await self.db.execute("SELECT ref FROM refs WHERE path = ?", (path,))
