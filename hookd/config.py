@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     cache: str = ""
-    """Where to upload: file:///dir (S3 and HTTP caches come with their backends)."""
+    """Where to upload: file:///dir, s3://bucket[/prefix]?…, or http(s)://host/path."""
     state_dir: Path = DEFAULT_STATE_DIR
     """Holds the queue database, and by default the socket, the spool and a generated signing key."""
     socket: Path | None = None
