@@ -220,14 +220,13 @@ class S3Backend(Backend):
             log.warning("%s failed (%s); a bucket lifecycle rule for incomplete uploads will clean it up", what, e)
 
     async def touch(self, key: str, content_type: str) -> bool:
-        """Copy the object onto itself with replaced metadata: a new last-modified, no bytes sent."""
-        if not await self.exists(key):
-            return False
-        await self._call(
+        """Copy the object onto itself with replaced metadata: a new last-modified, no bytes sent.
+        A missing source answers NoSuchKey (not found): one request, no HEAD first."""
+        result = await self._call(
             "copy_object", key, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": self._key(key)},
             MetadataDirective="REPLACE", **self._extra(content_type),
         )  # fmt: skip
-        return True
+        return result is not None
 
     async def delete(self, key: str) -> None:
         await self._call("delete_object", key, Key=self._key(key))
