@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 from . import hook, protocol
@@ -113,7 +112,3 @@ def state_of(cfg: Config, paths: list[str]) -> dict[str, dict[str, Any]]:
         return out
 
     return dict(asyncio.run(with_queue(cfg, read)))
-
-
-def db_exists(cfg: Config) -> bool:
-    return Path(cfg.db_path).exists()

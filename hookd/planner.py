@@ -122,8 +122,9 @@ class Planner:
 
     # --- identity -----------------------------------------------------------------------------------
 
-    async def check_identity(self) -> bool:
-        """Read the cache's identity marker (writing one if missing); True if the cache is new to us."""
+    async def check_identity(self) -> None:
+        """Read the cache's identity marker (writing one if missing); note it in `new_cache` if the cache
+        is new to us (emptied, recreated or swapped)."""
         data = await self.backend.get(IDENTITY_KEY)
         identity = data.decode(errors="replace").strip() if data else ""
         if not identity:
@@ -132,7 +133,7 @@ class Planner:
         known = self.identity or await self.queue.get_meta("cache_id")
         self.identity = identity
         if known == identity:
-            return False
+            return
         if known is not None:
             log.warning(
                 "cache %s has a new identity (emptied, recreated or replaced): forgetting what it held",
@@ -140,7 +141,6 @@ class Planner:
             )
         await self.queue.set_cache_identity(identity)
         self.new_cache = True
-        return True
 
     # --- planning -----------------------------------------------------------------------------------
 

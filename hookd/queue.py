@@ -495,10 +495,8 @@ class Queue:
     async def stats(self) -> dict[str, Any]:
         """Queue depth by state, upload rates, the oldest pending path and the latest errors."""
         now = time.time()
-        cur = await self.db.execute("SELECT state, COUNT(*) FROM paths GROUP BY state")
-        counts = dict.fromkeys(STATES, 0)
-        counts.update({r[0]: r[1] for r in await cur.fetchall()})
-        counts["requests to plan"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
+        counts = await self._state_counts()
+        counts["requests to plan"] = counts.pop("requests")
         rates = {}
         for minutes in (1, 5, 15):
             cur = await self.db.execute(
@@ -530,13 +528,17 @@ class Queue:
     async def attempts(self, path: str) -> int:
         return int(await self._scalar("SELECT attempts FROM paths WHERE path = ?", (path,)) or 0)
 
-    @_serialized
-    async def counts(self) -> dict[str, int]:
+    async def _state_counts(self) -> dict[str, int]:
+        """Paths by state, every state present, and the requests still to plan (under "requests")."""
         rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM paths GROUP BY state")
-        out = {PENDING: 0, DONE: 0, FAILED: 0, UPSTREAM: 0}
+        out = dict.fromkeys(STATES, 0)
         out.update({r[0]: r[1] for r in rows})
         out["requests"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
         return out
+
+    @_serialized
+    async def counts(self) -> dict[str, int]:
+        return await self._state_counts()
 
     @_serialized
     async def path_row(self, path: str) -> dict[str, object] | None:

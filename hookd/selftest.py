@@ -54,6 +54,18 @@ def _run(argv: Sequence[str], env: Mapping[str, str], **kw: object) -> subproces
     return subprocess.run(list(argv), env=dict(env), text=True, capture_output=True, check=False, **kw)  # type: ignore[call-overload, no-any-return]
 
 
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM a process started with start_new_session (and its children); SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class CommandFailed(RuntimeError):
     def __init__(self, argv: Sequence[str], proc: subprocess.CompletedProcess[str]) -> None:
         super().__init__(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
@@ -130,13 +142,8 @@ class NixEnv:
         self.socket.chmod(0o666)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc:
+            stop_group(self.proc)
 
     def nix(self, *argv: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = _run(argv, self.env, **({"user": user} if user else {}))

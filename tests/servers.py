@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from hookd.selftest import stop_group
 
 ACCESS_KEY = "AKIAHOOKDTESTKEY0001"
 SECRET_KEY = "hookd-test-secret-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
@@ -49,13 +50,7 @@ class Process:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
 
 class Moto(Process):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import parse_qs, urlsplit
 
 from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError
@@ -15,13 +15,29 @@ if TYPE_CHECKING:
 S3_PARAMS = {"region", "endpoint", "profile", "addressing", "storage-class", "credentials-file"}
 
 
+class _Remote(TypedDict):
+    """What every remote backend takes alike."""
+
+    connect_timeout: float
+    read_timeout: float
+    max_connections: int
+    policy: RetryPolicy
+    rate: AdaptiveRate
+
+
 def open_backend(url: str, cfg: Config | None = None) -> Backend:
     """The backend for a cache URL: `file:///dir`, `s3://bucket[/prefix]?…` or `http(s)://host/path`."""
     from ..config import Config
 
     cfg = cfg or Config(cache=url)
     parts = urlsplit(url)
-    policy = RetryPolicy(attempts=cfg.request_attempts)
+    remote: _Remote = {
+        "connect_timeout": cfg.connect_timeout,
+        "read_timeout": cfg.read_timeout,
+        "max_connections": cfg.max_connections,
+        "policy": RetryPolicy(attempts=cfg.request_attempts),
+        "rate": AdaptiveRate(),
+    }
     if parts.scheme == "file":
         from .file import FileBackend
 
@@ -55,11 +71,7 @@ def open_backend(url: str, cfg: Config | None = None) -> Backend:
             multipart_threshold=cfg.multipart_threshold,
             part_size=cfg.part_size,
             part_concurrency=cfg.part_concurrency,
-            connect_timeout=cfg.connect_timeout,
-            read_timeout=cfg.read_timeout,
-            max_connections=cfg.max_connections,
-            policy=policy,
-            rate=AdaptiveRate(),
+            **remote,
         )
     if parts.scheme in ("http", "https"):
         from .http import HttpBackend
@@ -70,11 +82,7 @@ def open_backend(url: str, cfg: Config | None = None) -> Backend:
             netrc_file=cfg.netrc_file,
             tls_verify=cfg.tls_verify,
             ca_file=cfg.tls_ca_file,
-            connect_timeout=cfg.connect_timeout,
-            read_timeout=cfg.read_timeout,
-            max_connections=cfg.max_connections,
-            policy=policy,
-            rate=AdaptiveRate(),
+            **remote,
         )
     raise PermanentBackendError(
         f"cache URL scheme {parts.scheme!r} is not supported (use file:///dir, s3://bucket or https://host/path)"

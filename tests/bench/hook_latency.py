@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hookd.keys import write_keypair
 from hookd.selftest import HookdProcess, NixEnv, console_hook, install_launcher
 
 
@@ -85,21 +86,7 @@ def main() -> None:
 
         # The Nix manual's post-build-hook: nix copy to the cache, signing on the way.
         key = root / "key.sec"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "hookd.cli",
-                "keygen",
-                "bench-1",
-                "--secret-key-file",
-                str(key),
-                "--public-key-file",
-                str(root / "key.pub"),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        write_keypair("bench-1", key, root / "key.pub")
         copy_cache = root / "copy-cache"
         copy_env = dict(nix.env, NIX_REMOTE="daemon")
 

@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hookd import narinfo
+from hookd.keys import write_keypair
 from hookd.selftest import HookdProcess, NixEnv
 
 from ..servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto, Nginx
@@ -118,21 +118,7 @@ def main() -> None:
     moto = Moto(root)
     delayed = FaultProxy(root, nginx.url, delay_ms=20)
     key = root / "key.sec"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hookd.cli",
-            "keygen",
-            "bench-1",
-            "--secret-key-file",
-            str(key),
-            "--public-key-file",
-            str(root / "key.pub"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    write_keypair("bench-1", key, root / "key.pub")
     results: dict[str, dict] = {}
     try:
         print("creating paths…", flush=True)
