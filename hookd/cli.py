@@ -218,11 +218,8 @@ def gc(
                 cfg.state_dir.mkdir(parents=True, exist_ok=True)
                 index = gcmod.NarinfoIndex(gcmod.index_path(cfg.state_dir, backend.url))
             except OSError:
-                index = gcmod.NarinfoIndex(None)
-            try:
-                snap = await gcmod.snapshot(backend, index, progress)
-            finally:
-                index.close()
+                index = gcmod.NarinfoIndex(None)  # no state directory: every narinfo is read
+            snap = await gcmod.snapshot(backend, index, progress)
             plan = gcmod.plan(snap, now=time.time(), older_than=retention, grace=grace_s, max_size=budget)
             out = {
                 "cache": backend.url,

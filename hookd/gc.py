@@ -8,28 +8,33 @@ references are missing is broken: it and its referrers go. Nothing younger than 
 deleted, and each object's age is checked again right before it is deleted, so uploads running at the
 same time are safe (uploaders touch what they reuse; see DESIGN.md).
 
-`snapshot` reads the cache (listing, and each narinfo once: parsed narinfos are kept in a local index
-by key and ETag or size and mtime, so a repeat run over an unchanged cache needs listings only);
-`plan` is a pure function of a snapshot; `sweep` carries a plan out.
+`snapshot` reads the cache (a listing, and each narinfo once: the parsed narinfos are kept in a local
+index and reused while their ETag, or size and mtime, is unchanged, so a repeat run over an unchanged
+cache needs the listing only); `plan` is a pure function of a snapshot; `sweep` carries a plan out.
+Narinfos are held as columns indexed by row, with references as row numbers: a GC over a hundred
+thousand narinfos then costs a few passes over lists rather than a hundred thousand objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc as cyclegc
 import hashlib
 import json
 import logging
 import os
 import re
 import socket
-import sqlite3
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ParamSpec, TypedDict, TypeVar
 
 from . import narinfo
 from .backends import Backend, ObjectStat
@@ -41,93 +46,215 @@ PIN_PREFIX = "hookd-pins/"
 LEASE_KEY = "hookd-gc-lease"
 KEEP_ALWAYS = {"nix-cache-info", "hookd-cache-id", LEASE_KEY}
 READ_CONCURRENCY = 32
+INDEX_VERSION = 2
 
 Progress = Callable[[str, int, int], None]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def no_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
+def _pausing_gc(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run fn with the cycle collector paused.
+
+    GC builds 10^5 small acyclic containers at once; CPython's collector would walk the whole heap
+    several times meanwhile, which costs more than the work itself (Mercurial's `util.nogc` does the same).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        enabled = cyclegc.isenabled()
+        cyclegc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                cyclegc.enable()
+
+    return wrapper
+
+
 class GcError(RuntimeError):
     """GC cannot run (another one holds the lease, the cache cannot be listed, bad options)."""
 
 
-class Entry(NamedTuple):
-    """What GC needs of one narinfo (a tuple: GC builds a hundred thousand of them)."""
+class Record(TypedDict, total=False):
+    """What GC needs of one narinfo, as read from the cache; `error` alone if it could not be parsed."""
 
-    key: str
     store_path: str
-    url: str
-    references: tuple[str, ...]  # hash parts, self-reference excluded
+    url: str | None  # a malformed narinfo keeps the URL it seems to point at: that NAR is not deleted
+    references: list[str]  # hash parts, self-reference excluded
     deriver: str | None
     file_size: int
-    mtime: float
-    size: int
-
-    @property
-    def hash_part(self) -> str:
-        return self.key[:32]
+    error: str
 
 
-@dataclass(repr=False)  # asyncio reprs a finished task's result: keep that cheap for 10^5 objects
+@dataclass(repr=False)  # asyncio reprs a finished task's result: keep that cheap for 10^5 rows
+class Catalog:
+    """The narinfos of a cache as columns, one row per narinfo object, in listing order."""
+
+    keys: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # the narinfo objects' own size, mtime and ETag
+    mtimes: list[float] = field(default_factory=list)
+    etags: list[str | None] = field(default_factory=list)
+    store_paths: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    file_sizes: list[int] = field(default_factory=list)
+    derivers: list[str | None] = field(default_factory=list)
+    refs: list[list[int]] = field(default_factory=list)  # rows referred to
+    missing: dict[int, list[str]] = field(default_factory=dict)  # row -> references not in the cache
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it is malformed (never deleted)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        return f"Catalog({len(self.keys)} narinfos)"
+
+    @classmethod
+    @_pausing_gc
+    def build(cls, objs: Iterable[ObjectStat], records: Mapping[str, Record]) -> Catalog:
+        """Rows for the listed narinfos that have a record (one deleted since the listing has none)."""
+        cat = cls()
+        listed = [(o, records[o.key]) for o in objs if o.key in records]
+        row_of = {o.key[:32]: i for i, (o, _) in enumerate(listed)}
+        for i, (o, rec) in enumerate(listed):
+            cat.keys.append(o.key)
+            cat.sizes.append(o.size)
+            cat.mtimes.append(o.mtime)
+            cat.etags.append(o.etag)
+            cat.store_paths.append(rec.get("store_path", ""))
+            cat.urls.append(rec.get("url") or "")
+            cat.file_sizes.append(rec.get("file_size", 0))
+            cat.derivers.append(rec.get("deriver"))
+            refs = rec.get("references", [])
+            cat.refs.append([row_of[r] for r in refs if r in row_of])
+            if len(cat.refs[-1]) < len(refs):
+                cat.missing[i] = [r for r in refs if r not in row_of]
+            if "error" in rec:
+                cat.errors[i] = rec["error"]
+        return cat
+
+    def record(self, row: int) -> Record:
+        if row in self.errors:
+            return {"error": self.errors[row], "url": self.urls[row] or None}
+        return {
+            "store_path": self.store_paths[row],
+            "url": self.urls[row],
+            "references": [self.keys[j][:32] for j in self.refs[row]] + self.missing.get(row, []),
+            "deriver": self.derivers[row],
+            "file_size": self.file_sizes[row],
+        }
+
+    def same_tag(self, row: int, obj: ObjectStat) -> bool:
+        """Whether the object is unchanged since the row was read: by ETag, else by size and mtime."""
+        if obj.etag:
+            return self.etags[row] == obj.etag
+        return self.sizes[row] == obj.size and self.mtimes[row] == obj.mtime
+
+    def unchanged(self, listed: Catalog) -> bool:
+        """Whether the listing holds exactly this catalog's rows, each with the same tag (whole columns at once)."""
+        if listed.keys != self.keys or listed.etags != self.etags:
+            return False
+        return all(self.etags) or (listed.sizes == self.sizes and listed.mtimes == self.mtimes)
+
+    @classmethod
+    @_pausing_gc
+    def listed(cls, objs: list[ObjectStat]) -> Catalog:
+        """The listing's columns alone (key, size, mtime, ETag), to compare with a stored catalog."""
+        if not objs:
+            return cls()
+        keys, sizes, mtimes, etags = map(list, zip(*objs, strict=True))  # ObjectStat is a tuple: transpose
+        return cls(keys=keys, sizes=sizes, mtimes=mtimes, etags=etags)
+
+    def with_listing(self, listed: Catalog) -> Catalog:
+        """The same rows with the listing's mtimes (a touch on S3 changes the mtime, not the ETag)."""
+        if listed.mtimes == self.mtimes:
+            return self
+        return Catalog(**{**self.__dict__, "mtimes": listed.mtimes, "sizes": listed.sizes})
+
+
+@dataclass(repr=False)
 class Snapshot:
-    objects: dict[str, ObjectStat]
-    narinfos: dict[str, Entry]  # by hash part
-    malformed: dict[str, str]  # key -> why
-    malformed_urls: set[str]  # NARs that malformed narinfos seem to point at
-    pins: dict[str, str]  # name -> store path
-    unknown: list[str]
+    narinfos: Catalog
+    nars: list[ObjectStat]  # listed under nar/
+    others: list[ObjectStat]  # neither: listings, logs, pins, markers, unknown objects
+    pins: dict[str, str] = field(default_factory=dict)  # name -> store path
+    unknown: list[str] = field(default_factory=list)
     narinfo_reads: int = 0
 
     def __repr__(self) -> str:
-        return f"Snapshot({len(self.objects)} objects, {len(self.narinfos)} narinfos)"
+        return f"Snapshot({len(self.narinfos)} narinfos, {len(self.nars)} NARs, {len(self.others)} others)"
+
+    @property
+    def malformed(self) -> dict[str, str]:
+        return {self.narinfos.keys[i]: why for i, why in self.narinfos.errors.items()}
 
 
 # --- the narinfo index --------------------------------------------------------------------------
 
 
 class NarinfoIndex:
-    """Parsed narinfos by key and tag (ETag, or size and mtime): what makes repeat runs cheap."""
+    """The last snapshot's catalog, kept as one JSON file of columns: what makes repeat runs cheap.
+
+    Without a file (no writable state directory) it lasts as long as the object. A lost or garbled
+    file only costs a re-read of the narinfos, so it is replaced atomically but not synced."""
+
+    COLUMNS = ("keys", "sizes", "mtimes", "etags", "store_paths", "urls", "file_sizes", "derivers", "refs")
 
     def __init__(self, path: Path | None) -> None:
-        self.db = sqlite3.connect(path or ":memory:")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS narinfo (key TEXT PRIMARY KEY, tag TEXT NOT NULL, data TEXT NOT NULL)"
-        )
+        self.path = path
+        self.last: Catalog | None = None
 
-    @staticmethod
-    def tag(obj: ObjectStat) -> str:
-        return obj.etag or f"{obj.size}:{obj.mtime}"
+    @_pausing_gc
+    def load(self) -> Catalog:
+        if self.last is not None or self.path is None:
+            return self.last or Catalog()
+        try:
+            data = json.loads(self.path.read_bytes())
+            if data.get("version") != INDEX_VERSION:
+                return Catalog()
+            cat = Catalog(**{c: data[c] for c in self.COLUMNS})
+            cat.missing = {int(k): v for k, v in data["missing"].items()}
+            cat.errors = {int(k): v for k, v in data["errors"].items()}
+            if len({len(getattr(cat, c)) for c in self.COLUMNS}) != 1:
+                raise ValueError("columns of different lengths")
+            if max(chain.from_iterable(cat.refs), default=0) >= len(cat):
+                raise ValueError("a reference to a row that does not exist")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            if not isinstance(e, FileNotFoundError):
+                log.warning(
+                    "ignoring the GC index %s (%s: %s): every narinfo is read again", self.path, type(e).__name__, e
+                )
+            return Catalog()
+        return cat
 
-    def lookup_all(self, objs: Iterable[ObjectStat]) -> dict[str, dict[str, Any]]:
-        """The records of those objects whose tag is unchanged (one pass over the index)."""
-        tags = {o.key: self.tag(o) for o in objs}
-        rows = [(key, data) for key, tag, data in self.db.execute("SELECT key, tag, data FROM narinfo")
-                if tags.get(key) == tag]  # fmt: skip
-        # one JSON document for all of them: a single parse is several times faster than one per record
-        values = json.loads("[" + ",".join(data for _, data in rows) + "]")
-        return {key: value for (key, _), value in zip(rows, values, strict=True)}
-
-    def store(self, items: Iterable[tuple[ObjectStat, dict[str, Any]]]) -> None:
-        self.db.executemany(
-            "INSERT OR REPLACE INTO narinfo (key, tag, data) VALUES (?, ?, ?)",
-            [(o.key, self.tag(o), json.dumps(d)) for o, d in items],
-        )
-        self.db.commit()
-
-    def close(self) -> None:
-        self.db.close()
+    def save(self, cat: Catalog) -> None:
+        self.last = cat
+        if self.path is None:
+            return
+        data = {c: getattr(cat, c) for c in self.COLUMNS}
+        body = json.dumps({"version": INDEX_VERSION, **data, "missing": cat.missing, "errors": cat.errors})
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(body)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot save the GC index %s: %s", self.path, e)
 
 
 def index_path(state_dir: Path, url: str) -> Path:
-    return state_dir / f"gc-index-{hashlib.sha256(url.encode()).hexdigest()[:16]}.sqlite"
+    return state_dir / f"gc-index-{hashlib.sha256(url.encode()).hexdigest()[:16]}.json"
 
 
 # --- reading the cache ----------------------------------------------------------------------------
 
 
-def _parse_entry(obj: ObjectStat, data: bytes) -> dict[str, Any]:
+def parse_record(key: str, data: bytes) -> Record:
     """The index's record of one narinfo: its fields, or why it could not be read."""
     try:
         ni = narinfo.parse(data)
@@ -135,8 +262,8 @@ def _parse_entry(obj: ObjectStat, data: bytes) -> dict[str, Any]:
         # keep what can be salvaged: the NAR it points at is not deleted on its account
         url = re.search(rb"^URL: *(nar/\S+)", data, re.MULTILINE)
         return {"error": str(e), "url": url.group(1).decode(errors="replace") if url else None}
-    if ni.hash_part + ".narinfo" != obj.key:
-        return {"error": f"StorePath {ni.store_path} does not belong under the key {obj.key}"}
+    if ni.hash_part + ".narinfo" != key:
+        return {"error": f"StorePath {ni.store_path} does not belong under the key {key}"}
     return {
         "store_path": ni.store_path,
         "url": ni.url,
@@ -146,66 +273,48 @@ def _parse_entry(obj: ObjectStat, data: bytes) -> dict[str, Any]:
     }
 
 
+@_pausing_gc
+def split_listing(listed: list[ObjectStat]) -> tuple[list[ObjectStat], list[ObjectStat], list[ObjectStat]]:
+    """The listing's narinfos, NARs and other objects."""
+    narinfos: list[ObjectStat] = []
+    nars: list[ObjectStat] = []
+    others: list[ObjectStat] = []
+    for obj in listed:
+        key = obj.key
+        if key.startswith("nar/"):
+            nars.append(obj)
+        elif key.endswith(".narinfo") and "/" not in key:
+            narinfos.append(obj)
+        else:
+            others.append(obj)
+    return narinfos, nars, others
+
+
 async def snapshot(backend: Backend, index: NarinfoIndex, progress: Progress = no_progress) -> Snapshot:
-    objects: dict[str, ObjectStat] = {}
+    listed: list[ObjectStat] = []
     try:
         async for obj in backend.list():
-            objects[obj.key] = obj
-            if len(objects) % 1000 == 0:
-                progress("listing", len(objects), 0)
+            listed.append(obj)
+            if len(listed) % 1000 == 0:
+                progress("listing", len(listed), 0)
     except Exception as e:
         raise GcError(f"cannot list {backend.url}: {e}") from None
-    progress("listing", len(objects), len(objects))
+    progress("listing", len(listed), len(listed))
 
-    narinfo_objs = [o for k, o in objects.items() if k.endswith(".narinfo") and "/" not in k]
-    records = index.lookup_all(narinfo_objs)
-    to_read = [o for o in narinfo_objs if o.key not in records]
-    gate = asyncio.Semaphore(READ_CONCURRENCY)
-    done = 0
-
-    async def read(obj: ObjectStat) -> tuple[ObjectStat, dict[str, Any]] | None:
-        nonlocal done
-        async with gate:
-            data = await backend.get(obj.key)
-        done += 1
-        if done % 200 == 0:
-            progress("reading narinfos", done, len(to_read))
-        if data is None:  # deleted since the listing
-            return None
-        return obj, _parse_entry(obj, data)
-
-    fresh = [r for r in await asyncio.gather(*(read(o) for o in to_read)) if r]
-    progress("reading narinfos", len(to_read), len(to_read))
-    index.store(fresh)
-    records.update({o.key: d for o, d in fresh})
-
-    narinfos: dict[str, Entry] = {}
-    malformed: dict[str, str] = {}
-    malformed_urls: set[str] = set()
-    for obj in narinfo_objs:
-        rec = records.get(obj.key)
-        if rec is None:
-            continue
-        if "error" in rec:
-            malformed[obj.key] = str(rec["error"])
-            if rec.get("url"):
-                malformed_urls.add(str(rec["url"]))
-            continue
-        entry = Entry(
-            key=obj.key,
-            store_path=str(rec["store_path"]),
-            url=str(rec["url"]),
-            references=tuple(rec["references"]),
-            deriver=rec["deriver"] if isinstance(rec["deriver"], str) else None,
-            file_size=int(rec["file_size"]),
-            mtime=obj.mtime,
-            size=obj.size,
-        )
-        narinfos[entry.hash_part] = entry
+    narinfo_objs, nars, others = split_listing(listed)
+    old = index.load()
+    current = Catalog.listed(narinfo_objs)
+    reads = 0
+    if old.unchanged(current):
+        catalog = old.with_listing(current)
+    else:
+        catalog, reads = await _refresh(backend, old, narinfo_objs, progress)
+        index.save(catalog)
 
     pins: dict[str, str] = {}
     unknown: list[str] = []
-    for key in objects:
+    for obj in others:
+        key = obj.key
         if key.startswith(PIN_PREFIX):
             data = await backend.get(key)
             path = data.decode(errors="replace").strip() if data else ""
@@ -213,7 +322,36 @@ async def snapshot(backend: Backend, index: NarinfoIndex, progress: Progress = n
                 pins[key[len(PIN_PREFIX) :]] = path
         elif not known_kind(key):
             unknown.append(key)
-    return Snapshot(objects, narinfos, malformed, malformed_urls, pins, unknown, len(to_read))
+    return Snapshot(catalog, nars, others, pins, unknown, reads)
+
+
+async def _refresh(backend: Backend, old: Catalog, objs: list[ObjectStat], progress: Progress) -> tuple[Catalog, int]:
+    """A catalog of the listed narinfos: the old one's records where the tag is unchanged, the rest read."""
+    old_rows = {key: i for i, key in enumerate(old.keys)}
+    records: dict[str, Record] = {}
+    to_read: list[ObjectStat] = []
+    for o in objs:
+        i = old_rows.get(o.key)
+        if i is not None and old.same_tag(i, o):
+            records[o.key] = old.record(i)
+        else:
+            to_read.append(o)
+    gate = asyncio.Semaphore(READ_CONCURRENCY)
+    done = 0
+
+    async def read(obj: ObjectStat) -> None:
+        nonlocal done
+        async with gate:
+            data = await backend.get(obj.key)
+        done += 1
+        if done % 200 == 0:
+            progress("reading narinfos", done, len(to_read))
+        if data is not None:  # else deleted since the listing
+            records[obj.key] = parse_record(obj.key, data)
+
+    await asyncio.gather(*(read(o) for o in to_read))
+    progress("reading narinfos", len(to_read), len(to_read))
+    return Catalog.build(objs, records), len(to_read)
 
 
 def known_kind(key: str) -> bool:
@@ -232,10 +370,6 @@ def known_kind(key: str) -> bool:
 class Category:
     count: int = 0
     bytes: int = 0
-
-    def add(self, size: int) -> None:
-        self.count += 1
-        self.bytes += size
 
 
 @dataclass(repr=False)
@@ -258,6 +392,12 @@ class GcPlan:
     def deletions(self) -> list[str]:
         return self.delete_narinfos + self.delete_nars + self.delete_other
 
+    def tally(self, category: str, count: int, nbytes: int) -> None:
+        if count:
+            cat = self.stats[category]
+            cat.count += count
+            cat.bytes += nbytes
+
     def to_json(self) -> dict[str, Any]:
         return {
             "stats": {k: {"count": v.count, "bytes": v.bytes} for k, v in sorted(self.stats.items())},
@@ -268,6 +408,51 @@ class GcPlan:
         }
 
 
+def _broken(cat: Catalog, nar_keys: set[str], urls: set[str]) -> dict[int, str]:
+    """Rows whose NAR or a reference is missing, then every row that refers to one of them.
+
+    A reference to a malformed narinfo is not missing: nothing is deleted on a malformed object's account."""
+    broken: dict[int, str] = {}
+    if missing_nars := urls - nar_keys:
+        for i, url in enumerate(cat.urls):
+            if url in missing_nars and i not in cat.errors:
+                broken[i] = f"its NAR {url} is missing"
+    for i, refs in cat.missing.items():
+        if i not in broken and i not in cat.errors:
+            broken[i] = f"its reference {refs[0]} is missing"
+    if not broken:
+        return broken
+    referrers: dict[int, list[int]] = defaultdict(list)
+    for i, rows in enumerate(cat.refs):
+        for r in rows:
+            referrers[r].append(i)
+    todo = list(broken)
+    while todo:
+        i = todo.pop()
+        for j in referrers.get(i, ()):
+            if j not in broken:
+                broken[j] = f"it refers to the broken path {cat.store_paths[i]}"
+                todo.append(j)
+    return broken
+
+
+def _mark(cat: Catalog, roots: Iterable[int]) -> set[int]:
+    """The closure of the roots, a level at a time: each level is a few set operations over row numbers."""
+    frontier = set(roots)
+    marked = set(frontier)
+    while frontier:
+        frontier = set(chain.from_iterable(map(cat.refs.__getitem__, frontier))) - marked
+        marked |= frontier
+    return marked
+
+
+def _kept_size(cat: Catalog, marked: set[int]) -> int:
+    """The bytes the marked narinfos and their NARs take (several narinfos may share one NAR)."""
+    nars = dict(zip(map(cat.urls.__getitem__, marked), map(cat.file_sizes.__getitem__, marked), strict=True))
+    return sum(nars.values()) + sum(map(cat.sizes.__getitem__, marked))
+
+
+@_pausing_gc
 def plan(
     snap: Snapshot,
     *,
@@ -280,104 +465,79 @@ def plan(
     """What to delete: a pure function of the snapshot and the policy."""
     if grace > older_than:
         raise GcError("the grace period must not be longer than the retention (--older-than)")
-    out = GcPlan(now=now, grace=grace, malformed=dict(snap.malformed), unknown=list(snap.unknown))
-    infos = snap.narinfos
+    cat = snap.narinfos
+    out = GcPlan(now=now, grace=grace, malformed=snap.malformed, unknown=list(snap.unknown))
     young = now - grace
+    cutoff = now - older_than
+    rows, sizes, mtimes = range(len(cat)), cat.sizes, cat.mtimes
 
-    # broken: NAR or a reference missing; then everything that refers to a broken path
-    # (a reference whose narinfo is malformed is not missing: never delete on a malformed object's account)
-    unreadable = {k[:32] for k in snap.malformed}
-    broken: dict[str, str] = {}
-    for h, e in infos.items():
-        if e.url not in snap.objects:
-            broken[h] = f"its NAR {e.url} is missing"
-        else:
-            missing = [r for r in e.references if r not in infos and r not in unreadable]
-            if missing:
-                broken[h] = f"its reference {missing[0]} is missing"
-    referrers: dict[str, list[str]] = defaultdict(list)
-    for h, e in infos.items():
-        for r in e.references:
-            referrers[r].append(h)
-    todo = list(broken)
-    while todo:
-        h = todo.pop()
-        for ref in referrers.get(h, ()):
-            if ref not in broken:
-                broken[ref] = f"it refers to the broken path {infos[h].store_path}"
-                todo.append(ref)
-    out.broken = {infos[h].key: why for h, why in broken.items()}
+    nar_keys = set(map(attrgetter("key"), snap.nars))
+    urls = set(cat.urls)  # a malformed narinfo's URL included: that NAR is kept
+    broken = _broken(cat, nar_keys, urls)
+    out.broken = {cat.keys[i]: why for i, why in broken.items()}
 
     # roots: pins, then narinfos within the retention window (a young broken one may just be racing
     # an upload: keep what it refers to)
-    pinned = {p.rsplit("/", 1)[-1][:32] for p in [*snap.pins.values(), *keep_paths]}
-    pinned = {h for h in pinned if h in infos and h not in broken}
-    window = [h for h, e in infos.items() if e.mtime >= now - older_than and (h not in broken or e.mtime >= young)]
-    window.sort(key=lambda h: infos[h].mtime)  # oldest first
+    pinned: list[int] = []
+    if pin_paths := [*snap.pins.values(), *keep_paths]:
+        row_of = {k[:32]: i for i, k in enumerate(cat.keys)}
+        pinned = [row_of[h] for p in pin_paths if (h := p.rsplit("/", 1)[-1][:32]) in row_of]
+        pinned = [i for i in pinned if i not in broken]
+    window = [i for i, t in enumerate(mtimes) if t >= cutoff]
+    if broken:
+        window = [i for i in window if i not in broken or mtimes[i] >= young]
 
-    def mark(roots: Iterable[str]) -> set[str]:
-        marked: set[str] = set()
-        stack = [r for r in roots if r in infos]
-        while stack:
-            h = stack.pop()
-            if h in marked:
-                continue
-            marked.add(h)
-            stack.extend(r for r in infos[h].references if r in infos and r not in marked)
-        return marked
-
-    def size(marked: set[str]) -> int:
-        nars = {infos[h].url: infos[h].file_size for h in marked}
-        return sum(nars.values()) + sum(infos[h].size for h in marked)
-
-    marked = mark([*pinned, *window])
-    if max_size is not None and size(marked) > max_size:
+    marked = _mark(cat, [*pinned, *window])
+    if max_size is not None and _kept_size(cat, marked) > max_size:
+        window.sort(key=mtimes.__getitem__)  # oldest first
         lo, hi = 0, len(window)  # smallest k such that dropping the k oldest roots fits
         while lo < hi:
             mid = (lo + hi) // 2
-            if size(mark([*pinned, *window[mid:]])) <= max_size:
+            if _kept_size(cat, _mark(cat, [*pinned, *window[mid:]])) <= max_size:
                 hi = mid
             else:
                 lo = mid + 1
         out.dropped_roots = lo
-        marked = mark([*pinned, *window[lo:]])
+        marked = _mark(cat, [*pinned, *window[lo:]])
 
-    # sweep lists: narinfos (unmarked, then broken), NARs, then listings and logs
-    deleted: set[str] = set()
-    for h, e in infos.items():
-        if h in marked and h not in broken:
-            out.stats["narinfos kept"].add(e.size)
-        elif e.mtime >= young:
-            out.stats["narinfos spared (younger than grace)"].add(e.size)
-        else:
-            out.delete_narinfos.append(e.key)
-            out.stats["narinfos broken, deleted" if h in broken else "narinfos deleted"].add(e.size)
-            deleted.add(h)
-    out.delete_narinfos.sort(key=lambda k: (k[:32] in broken, k))  # unmarked first, then broken
-    remaining = {e.url for h, e in infos.items() if h not in deleted}
-    kept_derivers = {e.deriver for h, e in infos.items() if h not in deleted and e.deriver}
-    deleted_derivers = {infos[h].deriver for h in deleted if infos[h].deriver} - kept_derivers
-    for key, obj in snap.objects.items():
-        if not key.startswith("nar/"):
-            if key.endswith(".ls") and "/" not in key:
-                h = key[:-3]
-                gone = h in deleted or h not in infos
-                if gone and obj.mtime < young and len(h) == 32:
-                    out.delete_other.append(key)
-                    out.stats["listings deleted"].add(obj.size)
-            elif key.startswith("log/") and key[4:] in deleted_derivers and obj.mtime < young:
-                out.delete_other.append(key)
-                out.stats["logs deleted"].add(obj.size)
-            continue
-        if key in remaining:
-            out.stats["NARs kept"].add(obj.size)
-        elif obj.mtime >= young:
-            out.stats["NARs spared (younger than grace)"].add(obj.size)
-        elif key in snap.malformed_urls:
-            out.stats["NARs kept (a malformed narinfo points here)"].add(obj.size)
-        else:
-            out.delete_nars.append(key)
-            out.stats["NARs deleted"].add(obj.size)
+    # narinfos: kept (marked and whole), spared (young) or deleted; malformed ones are left alone
+    kept = marked - broken.keys() - cat.errors.keys()
+    out.tally("narinfos kept", len(kept), sum(map(sizes.__getitem__, kept)))
+    rest = set(rows) - kept - cat.errors.keys()
+    spared = [i for i in rest if mtimes[i] >= young]
+    out.tally("narinfos spared (younger than grace)", len(spared), sum(map(sizes.__getitem__, spared)))
+    deleted = sorted(rest.difference(spared))
+    out.delete_narinfos = sorted((cat.keys[i] for i in deleted), key=lambda k: (k in out.broken, k))
+    for name, part in (("narinfos deleted", False), ("narinfos broken, deleted", True)):
+        chosen = [sizes[i] for i in deleted if (i in broken) == part]
+        out.tally(name, len(chosen), sum(chosen))
+
+    # NARs no remaining narinfo points to (several narinfos may share one)
+    remaining = set(rows).difference(deleted) if deleted else set(rows)
+    if deleted:
+        urls = set(map(cat.urls.__getitem__, remaining))
+    unreferenced = [o for o in snap.nars if o.key not in urls] if nar_keys - urls else []
+    nar_bytes = sum(map(attrgetter("size"), snap.nars))
+    out.tally("NARs kept", len(snap.nars) - len(unreferenced), nar_bytes - sum(o.size for o in unreferenced))
+    spared_nars = [o.size for o in unreferenced if o.mtime >= young]
+    out.tally("NARs spared (younger than grace)", len(spared_nars), sum(spared_nars))
+    out.delete_nars = [o.key for o in unreferenced if o.mtime < young]
+    out.tally("NARs deleted", len(out.delete_nars), sum(o.size for o in unreferenced if o.mtime < young))
+
+    # the listings and logs of deleted paths (a listing whose narinfo is gone is a leftover too)
+    old = [o for o in snap.others if o.mtime < young]
+    if listings := [o for o in old if o.key.endswith(".ls") and "/" not in o.key and len(o.key) == 35]:
+        present = {cat.keys[i][:32] for i in remaining}
+        for obj in listings:
+            if obj.key[:32] not in present:
+                out.delete_other.append(obj.key)
+                out.tally("listings deleted", 1, obj.size)
+    if (logs := [o for o in old if o.key.startswith("log/")]) and deleted:
+        derivers = {cat.derivers[i] for i in deleted} - {cat.derivers[i] for i in remaining} - {None}
+        for obj in logs:
+            if obj.key[4:] in derivers:
+                out.delete_other.append(obj.key)
+                out.tally("logs deleted", 1, obj.size)
     return out
 
 

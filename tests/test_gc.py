@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from hookd import gc, narinfo
-from hookd.backends import ObjectStat
+from hookd.backends import ObjectStat, open_backend
 from hookd.cli import main
+from hookd.config import Config
 from hookd.selftest import CHAIN_NIX, NixEnv, wait_for_narinfos
 
+from .cachegen import synthetic, write_tree
 from .conftest import HookdFactory
 
 NOW = 1_000_000_000.0
@@ -26,11 +29,11 @@ def h(n: int) -> str:
 
 
 class Cache:
-    """A made-up snapshot: narinfo n points at nar/n.nar.zst; references are by number."""
+    """A made-up cache: narinfo n points at nar/n.nar.zst; references are by number."""
 
     def __init__(self) -> None:
         self.objects: dict[str, ObjectStat] = {}
-        self.narinfos: dict[str, gc.Entry] = {}
+        self.records: dict[str, gc.Record] = {}
 
     def add(self, n: int, refs: tuple[int, ...] = (), age: float = 10 * DAY, nar: bool = True,
             size: int = 1000, deriver: str | None = None) -> None:  # fmt: skip
@@ -38,11 +41,12 @@ class Cache:
         self.objects[key] = ObjectStat(key, 100, NOW - age)
         if nar:
             self.objects[url] = ObjectStat(url, size, NOW - age)
-        self.narinfos[h(n)] = gc.Entry(key, f"/nix/store/{h(n)}-p{n}", url, tuple(h(r) for r in refs), deriver,
-                                       size, NOW - age, 100)  # fmt: skip
+        self.records[key] = {"store_path": f"/nix/store/{h(n)}-p{n}", "url": url, "deriver": deriver,
+                             "references": [h(r) for r in refs], "file_size": size}  # fmt: skip
 
-    def snap(self, pins: dict[str, str] | None = None, malformed: dict[str, str] | None = None) -> gc.Snapshot:
-        return gc.Snapshot(dict(self.objects), dict(self.narinfos), malformed or {}, set(), pins or {}, [])
+    def snap(self, pins: dict[str, str] | None = None) -> gc.Snapshot:
+        narinfos, nars, others = gc.split_listing(sorted(self.objects.values()))
+        return gc.Snapshot(gc.Catalog.build(narinfos, self.records), nars, others, pins or {})
 
 
 def run(snap: gc.Snapshot, **kw: object) -> gc.GcPlan:
@@ -100,9 +104,8 @@ def test_a_malformed_narinfo_never_causes_deletions() -> None:
     c.add(2, (1,), age=3600 * 2)  # refers to 1, whose narinfo is malformed
     c.objects[f"{h(1)}.narinfo"] = ObjectStat(f"{h(1)}.narinfo", 10, NOW - DAY * 5)
     c.objects["nar/1.nar.zst"] = ObjectStat("nar/1.nar.zst", 10, NOW - DAY * 5)
-    snap = c.snap(malformed={f"{h(1)}.narinfo": "truncated"})
-    snap.malformed_urls = {"nar/1.nar.zst"}
-    p = run(snap)
+    c.records[f"{h(1)}.narinfo"] = {"error": "truncated", "url": "nar/1.nar.zst"}
+    p = run(c.snap())
     assert p.broken == {} and deleted(p) == set()
     assert p.malformed == {f"{h(1)}.narinfo": "truncated"}
 
@@ -133,6 +136,70 @@ def test_listings_and_logs_of_deleted_paths_go() -> None:
 def test_grace_longer_than_retention_is_refused() -> None:
     with pytest.raises(gc.GcError, match="grace"):
         run(Cache().snap(), grace=2 * DAY)
+
+
+# --- the narinfo index ------------------------------------------------------------------------------
+
+
+async def test_the_index_reads_each_narinfo_once(tmp_path: Path) -> None:
+    objects = synthetic(30)
+    write_tree(tmp_path / "cache", objects)
+    url = f"file://{tmp_path / 'cache'}"
+    backend = open_backend(url, Config(cache=url))
+    first = await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))
+    assert first.narinfo_reads == 30 and len(first.narinfos) == 30 and len(first.nars) == 30
+    again = await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))  # as a new `hookd gc` would
+    assert again.narinfo_reads == 0
+    assert [again.narinfos.record(i) for i in range(30)] == [first.narinfos.record(i) for i in range(30)]
+
+    # one narinfo rewritten, one deleted: only the rewritten one is read; the deleted one's referrer breaks
+    rewritten, removed, referrer = (objects[1 + 2 * i][0] for i in (2, 4, 5))  # p5 refers to p4
+    os.utime(tmp_path / "cache" / rewritten, (time.time() - 60, time.time() - 60))
+    (tmp_path / "cache" / removed).unlink()
+    changed = await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))
+    assert changed.narinfo_reads == 1 and len(changed.narinfos) == 29
+    broken = run(changed, now=time.time()).broken
+    assert broken[referrer] == f"its reference {removed[:32]} is missing"
+    assert set(broken) == {objects[1 + 2 * i][0] for i in range(5, 10)}  # and the rest of that chain
+
+    # a garbled index costs a re-read, nothing else
+    good = (tmp_path / "index.json").read_text()
+    for garbled in (
+        '{"version": 2, "keys": [1, 2',
+        '{"version": 2}',
+        re.sub(r'"refs": \[\[[0-9, ]*\]', '"refs": [[99]', good),
+    ):
+        (tmp_path / "index.json").write_text(garbled)
+        assert (await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))).narinfo_reads == 29
+    await backend.close()
+
+
+async def test_the_index_takes_mtimes_from_the_listing_on_s3(moto: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dedup hit on S3 copies the narinfo onto itself: a new mtime, the same ETag, nothing to re-read."""
+    from .servers import ACCESS_KEY, SECRET_KEY, Moto
+
+    assert isinstance(moto, Moto)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    bucket = f"index-{time.time_ns()}"
+    moto.make_bucket(bucket)
+    client = moto.client()
+    for key, data in synthetic(5, salt=bucket):
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+    url = f"s3://{bucket}?endpoint={moto.url}&region=us-east-1&addressing=path"
+    backend = open_backend(url, Config(cache=url))
+    index = gc.NarinfoIndex(None)  # kept in memory
+    first = await gc.snapshot(backend, index)
+    assert first.narinfo_reads == 5 and all(first.narinfos.etags)
+    time.sleep(1.1)
+    key = first.narinfos.keys[0]
+    assert await backend.touch(key, "text/x-nix-narinfo")
+    again = await gc.snapshot(backend, index)
+    assert again.narinfo_reads == 0
+    assert (
+        again.narinfos.mtimes[0] > first.narinfos.mtimes[0] and again.narinfos.mtimes[1:] == first.narinfos.mtimes[1:]
+    )
+    await backend.close()
 
 
 # --- real caches ------------------------------------------------------------------------------------

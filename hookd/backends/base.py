@@ -7,7 +7,7 @@ import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 
 class BackendError(RuntimeError):
@@ -18,8 +18,9 @@ class PermanentBackendError(BackendError):
     """A cache operation can never succeed as asked (bad URL, permission denied): no retry helps."""
 
 
-@dataclass(frozen=True)
-class ObjectStat:
+class ObjectStat(NamedTuple):
+    """One listed object (a tuple: a listing can hold hundreds of thousands)."""
+
     key: str
     size: int
     mtime: float
