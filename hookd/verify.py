@@ -10,7 +10,9 @@ import bz2
 import hashlib
 import lzma
 from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyzstd
 
@@ -35,16 +37,42 @@ class Report:
         return not self.broken
 
 
-def _decompress(data: bytes, method: str) -> bytes:
-    if method == "zstd":
-        return bytes(pyzstd.decompress(data))
-    if method == "xz":
-        return lzma.decompress(data)
-    if method == "bzip2":
-        return bz2.decompress(data)
-    if method == "none":
-        return data
-    raise ValueError(f"unsupported compression {method!r}")
+class Inflater:
+    """Incremental decompression in bounded pieces: one stored chunk may inflate to gigabytes."""
+
+    PIECE = 4 << 20
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.d: Any
+        if method == "zstd":
+            self.d = pyzstd.EndlessZstdDecompressor()  # a NAR may hold several frames
+        elif method == "xz":
+            self.d = lzma.LZMADecompressor()
+        elif method == "bzip2":
+            self.d = bz2.BZ2Decompressor()
+        elif method == "none":
+            self.d = None
+        else:
+            raise ValueError(f"unsupported compression {method!r}")
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self.d is None:
+            yield data
+            return
+        if getattr(self.d, "eof", False):
+            return  # padding after the end of the stream: not NAR bytes
+        yield self.d.decompress(data, self.PIECE)
+        while not self.d.needs_input and not getattr(self.d, "eof", False):
+            yield self.d.decompress(b"", self.PIECE)
+
+    def complete(self) -> bool:
+        """Whether the stream ended where the compressed data does (not truncated)."""
+        if self.d is None:
+            return True
+        if self.method == "zstd":
+            return bool(self.d.at_frame_edge)
+        return bool(self.d.eof)
 
 
 async def verify(
@@ -129,18 +157,41 @@ async def verify(
 
 
 async def _deep(backend: Backend, ni: narinfo.NarInfo) -> list[str]:
-    data = await backend.get(ni.url)
-    if data is None:
-        return [f"its NAR {ni.url} disappeared"]
-    if ni.file_hash is not None and hashlib.sha256(data).digest() != ni.file_hash:
-        return [f"its NAR {ni.url} does not match FileHash"]
+    problems = await backend.read(ni.url, lambda chunks: _check_nar(chunks, ni))
+    return [f"its NAR {ni.url} disappeared"] if problems is None else problems
+
+
+async def _check_nar(chunks: AsyncIterator[bytes], ni: narinfo.NarInfo) -> list[str]:
+    """FileHash over the NAR as stored; NarSize and NarHash over it decompressed; chunk by chunk."""
     try:
-        raw = await asyncio.to_thread(_decompress, data, ni.compression)
-    except Exception as e:
-        return [f"its NAR {ni.url} does not decompress as {ni.compression}: {type(e).__name__}"]
-    problems = []
-    if len(raw) != ni.nar_size:
-        problems.append(f"its NAR decompresses to {len(raw)} bytes, NarSize says {ni.nar_size}")
-    elif hashlib.sha256(raw).digest() != ni.nar_hash:
-        problems.append("its NAR's contents do not match NarHash")
-    return problems
+        inflater = Inflater(ni.compression)
+    except ValueError as e:
+        return [f"its NAR {ni.url}: {e}"]
+    file_hash, nar_hash = hashlib.sha256(), hashlib.sha256()
+    nar_size = 0
+    bad: str | None = None
+
+    def take(chunk: bytes) -> None:
+        nonlocal nar_size, bad
+        file_hash.update(chunk)
+        if bad is None:
+            try:
+                for piece in inflater.feed(chunk):
+                    nar_hash.update(piece)
+                    nar_size += len(piece)
+            except Exception as e:  # a corrupt stream: keep reading for FileHash's sake
+                bad = f"its NAR {ni.url} does not decompress as {ni.compression}: {type(e).__name__}"
+
+    async for chunk in chunks:
+        await asyncio.to_thread(take, chunk)  # hashing and inflating release the GIL: checks run in parallel
+    if ni.file_hash is not None and file_hash.digest() != ni.file_hash:
+        return [f"its NAR {ni.url} does not match FileHash"]
+    if bad is None and not inflater.complete():
+        bad = f"its NAR {ni.url} does not decompress as {ni.compression}: it is truncated"
+    if bad is not None:
+        return [bad]
+    if nar_size != ni.nar_size:
+        return [f"its NAR decompresses to {nar_size} bytes, NarSize says {ni.nar_size}"]
+    if nar_hash.digest() != ni.nar_hash:
+        return ["its NAR's contents do not match NarHash"]
+    return []

@@ -4,6 +4,7 @@ through a proxy that injects faults."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import uuid
 from collections import Counter
@@ -83,8 +84,49 @@ async def test_round_trip(backend: Backend, tmp_path: Path) -> None:
     assert not await backend.put_stream("nar/small.nar.zst", Blob(3, data=b"xyz"), "application/x-nix-nar")
     assert await backend.get("nar/small.nar.zst") == small
 
+    # streamed: the same bytes in bounded chunks (after a fault, from the start again)
+    async def digest(chunks: AsyncIterator[bytes]) -> tuple[str, int]:
+        h, biggest = hashlib.sha256(), 0
+        async for chunk in chunks:
+            h.update(chunk)
+            biggest = max(biggest, len(chunk))
+        return h.hexdigest(), biggest
+
+    streamed = await backend.read("nar/big.nar", digest)
+    assert streamed is not None and streamed[0] == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert 0 < streamed[1] <= 1 << 20
+    assert await backend.read("nar/missing.nar", digest) is None
+
     await backend.delete("nar/small.nar.zst")
     assert not await backend.exists("nar/small.nar.zst")
+
+
+@pytest.mark.parametrize("kind", ["s3", "http"])
+async def test_a_read_cut_mid_body_starts_again(
+    kind: str, tmp_path: Path, moto: Moto, nginx: Nginx, aws_env: None
+) -> None:
+    """The consumer sees a fresh stream after a cut, never the half it already had twice."""
+    proxy = FaultProxy(tmp_path, moto.url if kind == "s3" else nginx.url, 0.5, s3=kind == "s3")
+    url = s3_url(moto, proxy.url)[1] if kind == "s3" else http_url(nginx, proxy.url)
+    be = open_backend(url, Config(request_attempts=30))
+    data = os.urandom(3 << 20)
+    await be.put_stream("nar/x.nar", Blob(len(data), data=data), "application/x-nix-nar")
+    starts = 0
+
+    async def digest(chunks: AsyncIterator[bytes]) -> bytes:
+        nonlocal starts
+        starts += 1
+        h = hashlib.sha256()
+        async for chunk in chunks:
+            h.update(chunk)
+        return h.digest()
+
+    for _ in range(12):
+        assert await be.read("nar/x.nar", digest) == hashlib.sha256(data).digest()
+    await be.close()
+    cuts = [r for r in proxy.records() if r["method"] == "GET" and r["status"] == "reset"]
+    proxy.stop()
+    assert cuts and starts == 12 + len(cuts)
 
 
 async def test_s3_multipart_parts_and_content_types(tmp_path: Path, moto: Moto, aws_env: None) -> None:

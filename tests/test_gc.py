@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import bz2
 import json
+import lzma
 import os
 import re
 import time
 from pathlib import Path
 
 import pytest
+import pyzstd
 from click.testing import CliRunner
 
 from hookd import gc, narinfo
@@ -16,6 +19,7 @@ from hookd.backends import ObjectStat, open_backend
 from hookd.cli import main
 from hookd.config import Config
 from hookd.selftest import CHAIN_NIX, NixEnv, wait_for_narinfos
+from hookd.verify import Inflater
 
 from .cachegen import synthetic, write_tree
 from .conftest import HookdFactory
@@ -357,6 +361,24 @@ def test_verify_catches_and_repairs(
     code, text = invoke("verify", "--cache", url, "--public-key", key, "--deep", *state)
     assert code == 0, text
     assert not (cache / narinfo.narinfo_key(top)).exists()
+
+
+def test_deep_verify_inflates_in_bounded_pieces_and_sees_truncation() -> None:
+    zeros = bytes(16 << 20)
+    packed = {"zstd": pyzstd.compress(zeros), "xz": lzma.compress(zeros, preset=0), "bzip2": bz2.compress(zeros)}
+    for method, data in packed.items():
+        whole = Inflater(method)
+        pieces = [p for chunk in (data[:100], data[100:]) for p in whole.feed(chunk)]
+        assert sum(map(len, pieces)) == len(zeros) and max(map(len, pieces)) <= Inflater.PIECE, method
+        assert whole.complete(), method
+        cut = Inflater(method)
+        list(cut.feed(data[: len(data) // 2]))
+        assert not cut.complete(), method
+    frames = Inflater("zstd")  # several zstd frames make one NAR
+    assert b"".join(frames.feed(pyzstd.compress(b"a" * 10) + pyzstd.compress(b"b" * 10))) == b"a" * 10 + b"b" * 10
+    assert frames.complete()
+    with pytest.raises(ValueError, match="unsupported compression"):
+        Inflater("lz4")
 
 
 def test_gc_and_verify_survive_garbage_in_the_cache(tmp_path: Path) -> None:

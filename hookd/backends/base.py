@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import abc
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 
 class BackendError(RuntimeError):
@@ -53,6 +55,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
+
+    async def read(self, key: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[T]]) -> T | None:
+        """Stream an object's bytes into `consume`, in chunks; None when it does not exist.
+
+        Memory stays bounded whatever the object's size. A transient failure mid-stream starts
+        `consume` again on a fresh stream, so it must keep its state local and not raise on bad
+        content (it reports that in its result). This default reads the whole object at once.
+        """
+        data = await self.get(key)
+        if data is None:
+            return None
+
+        async def whole() -> AsyncIterator[bytes]:
+            yield data
+
+        return await consume(whole())
 
     @abc.abstractmethod
     async def put(self, key: str, data: bytes, content_type: str) -> None:

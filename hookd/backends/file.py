@@ -14,12 +14,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError
+from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError, T
 
 TMP_PREFIX = ".hookd-tmp-"
+CHUNK = 1 << 20
 STALE_TMP = 3600.0  # seconds after which a temp file is surely a killed uploader's
 
 
@@ -53,12 +54,33 @@ class FileBackend(Backend):
 
         return await asyncio.to_thread(read)
 
+    async def read(self, key: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[T]]) -> T | None:
+        path = self._path(key)
+        try:
+            f = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise _wrap(key, e) from None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await asyncio.to_thread(f.read, CHUNK):
+                    yield chunk
+            except OSError as e:
+                raise _wrap(key, e) from None
+
+        try:
+            return await consume(chunks())
+        finally:
+            f.close()
+
     def _write_tmp(self, dest: Path, blob: Blob) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as out, blob.open() as src:
-                shutil.copyfileobj(src, out, 1 << 20)
+                shutil.copyfileobj(src, out, CHUNK)
                 out.flush()
                 if self.fsync:
                     os.fsync(out.fileno())

@@ -11,13 +11,13 @@ import asyncio
 import base64
 import netrc
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError
+from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError, T
 from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
 
 CHUNK = 1 << 20
@@ -32,6 +32,22 @@ def redact(url: str) -> str:
     if p.port:
         host = f"{host}:{p.port}"
     return urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+def _transient(what: str, e: BaseException) -> RetryableError:
+    return RetryableError(f"{what}: {type(e).__name__}{': ' + str(e) if _safe(e) else ''}")
+
+
+def _check_status(what: str, status: int, hdrs: dict[str, str]) -> None:
+    """Raise for a status that is not an answer: retryable (throttled, 5xx) or permanent (denied, 4xx)."""
+    if status in THROTTLE_STATUS:
+        raise RetryableError(f"{what}: HTTP {status}", True, parse_retry_after(hdrs.get("retry-after")))
+    if status in RETRYABLE_STATUS:
+        raise RetryableError(f"{what}: HTTP {status}", False, parse_retry_after(hdrs.get("retry-after")))
+    if status in (401, 403):
+        raise PermanentBackendError(f"{what}: HTTP {status} (check the cache's credentials)")
+    if status >= 400 and status != 404:
+        raise PermanentBackendError(f"{what}: HTTP {status}")
 
 
 class HttpBackend(Backend):
@@ -107,15 +123,8 @@ class HttpBackend(Backend):
                 status = resp.status
                 hdrs = {k.lower(): v for k, v in resp.headers.items()}
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
-            raise RetryableError(f"{what}: {type(e).__name__}{': ' + str(e) if _safe(e) else ''}") from None
-        if status in THROTTLE_STATUS:
-            raise RetryableError(f"{what}: HTTP {status}", True, parse_retry_after(hdrs.get("retry-after")))
-        if status in RETRYABLE_STATUS:
-            raise RetryableError(f"{what}: HTTP {status}", False, parse_retry_after(hdrs.get("retry-after")))
-        if status in (401, 403):
-            raise PermanentBackendError(f"{what}: HTTP {status} (check the cache's credentials)")
-        if status >= 400 and status != 404:
-            raise PermanentBackendError(f"{what}: HTTP {status}")
+            raise _transient(what, e) from None
+        _check_status(what, status, hdrs)
         return status, body, hdrs
 
     async def _request(
@@ -132,6 +141,22 @@ class HttpBackend(Backend):
             return await self._once(method, key, data, hdrs)
 
         return await with_retries(f"{method} {key}", op, self.policy, self.rate)
+
+    async def read(self, key: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[T]]) -> T | None:
+        what = f"GET {self.base}/{key}"
+
+        async def op() -> tuple[T] | None:
+            try:
+                async with self._sess().get(f"{self.base}/{key}", allow_redirects=False) as resp:
+                    _check_status(what, resp.status, {k.lower(): v for k, v in resp.headers.items()})
+                    if resp.status != 200:
+                        return None
+                    return (await consume(resp.content.iter_chunked(CHUNK)),)
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+                raise _transient(what, e) from None
+
+        found = await with_retries(what, op, self.policy, self.rate)
+        return found[0] if found else None
 
     async def exists(self, key: str) -> bool:
         status, _, _ = await self._request("HEAD", key)

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, Blob, ObjectStat, PermanentBackendError
+from .base import Backend, Blob, ObjectStat, PermanentBackendError, T
 from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
 
 log = logging.getLogger("hookd.backend")
 
 MIN_PART = 5 << 20
+READ_CHUNK = 1 << 20
 MAX_PARTS = 10_000
 THROTTLE_CODES = {
     "SlowDown",
@@ -145,6 +146,22 @@ class S3Backend(Backend):
     async def get(self, key: str) -> bytes | None:
         result = await self._call("get_object", key, Key=self._key(key))
         return result if isinstance(result, bytes) else None
+
+    async def read(self, key: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[T]]) -> T | None:
+        what = f"S3 get_object {self.bucket}/{self._key(key)}"
+
+        async def once() -> tuple[T] | None:
+            client = await self._c()
+            try:
+                result = await client.get_object(Bucket=self.bucket, Key=self._key(key))
+                async with result["Body"] as body:
+                    return (await consume(body.iter_chunks(READ_CHUNK)),)
+            except Exception as e:  # classified (consume reports bad content, it does not raise)
+                _classify(what, e)
+                return None
+
+        found = await with_retries(what, once, self.policy, self.rate)
+        return found[0] if found else None
 
     def _extra(self, content_type: str) -> dict[str, str]:
         extra = {"ContentType": content_type}
