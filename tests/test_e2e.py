@@ -98,7 +98,11 @@ def test_path_modified_on_disk_is_refused(
     good_nars = {narinfo.parse(p.read_text()).url for p in cache.glob("*.narinfo")}
     assert {f"nar/{n.name}" for n in (cache / "nar").iterdir()} == good_nars  # nothing else was written
     db = sqlite3.connect(hookd.state_dir / "queue.sqlite")
-    state, error = db.execute("SELECT state, last_error FROM paths WHERE path = ?", (str(victim),)).fetchone()
+    while True:  # outcomes are committed in batches, just after the log line
+        state, error = db.execute("SELECT state, last_error FROM paths WHERE path = ?", (str(victim),)).fetchone()
+        if state == "failed" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert state == "failed" and "do not match" in error
 
 
