@@ -209,29 +209,26 @@ def gc(
     cfg, backend = _backend(config_file, cache)
     progress = ProgressLine()
 
-    async def go() -> dict[str, Any]:
-        lock = gcmod.Lease(backend, lease_s)
+    async def collect() -> dict[str, Any]:
         try:
-            if not dry_run:
-                await lock.acquire()
-            try:
-                cfg.state_dir.mkdir(parents=True, exist_ok=True)
-                index = gcmod.NarinfoIndex(gcmod.index_path(cfg.state_dir, backend.url))
-            except OSError:
-                index = gcmod.NarinfoIndex(None)  # no state directory: every narinfo is read
-            snap = await gcmod.snapshot(backend, index, progress)
-            plan = gcmod.plan(snap, now=time.time(), older_than=retention, grace=grace_s, max_size=budget)
-            out = {
-                "cache": backend.url,
-                "dry_run": dry_run,
-                "narinfo_reads": snap.narinfo_reads,
-                **plan.to_json(),
-            }
-            if not dry_run:
-                result = await gcmod.sweep(backend, plan, progress)
-                out["deleted"] = {"objects": result.deleted, "bytes": result.bytes, "spared": result.spared}
-                await lock.release()
-            return out
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            index = gcmod.NarinfoIndex(gcmod.index_path(cfg.state_dir, backend.url))
+        except OSError:
+            index = gcmod.NarinfoIndex(None)  # no state directory: every narinfo is read
+        snap = await gcmod.snapshot(backend, index, progress)
+        plan = gcmod.plan(snap, now=time.time(), older_than=retention, grace=grace_s, max_size=budget)
+        out = {"cache": backend.url, "dry_run": dry_run, "narinfo_reads": snap.narinfo_reads, **plan.to_json()}
+        if not dry_run:
+            result = await gcmod.sweep(backend, plan, progress)
+            out["deleted"] = {"objects": result.deleted, "bytes": result.bytes, "spared": result.spared}
+        return out
+
+    async def go() -> dict[str, Any]:
+        try:
+            if dry_run:  # reads only: no lease needed
+                return await collect()
+            async with gcmod.Lease(backend, lease_s):
+                return await collect()
         finally:
             await backend.close()
 

@@ -545,37 +545,93 @@ def plan(
 
 
 class Lease:
-    """One GC at a time per cache: an object naming its holder and an expiry."""
+    """One GC at a time per cache: an object naming its holder and an expiry.
+
+    Used as `async with Lease(...)`: it is taken on entry, renewed every third of its duration while
+    the body runs (a GC may outlast it), and released on any exit. Should another GC take it meanwhile
+    (this one stalled past the expiry), the body is cancelled and GcError raised: two sweeps never
+    knowingly overlap."""
 
     def __init__(self, backend: Backend, duration: float) -> None:
         self.backend = backend
         self.duration = duration
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lost = False
+        self._keeper: asyncio.Task[None] | None = None
 
-    async def acquire(self) -> None:
+    async def _holder(self) -> dict[str, Any] | None:
+        """The lease as stored, or None when there is none (a garbled lease is no lease)."""
         data = await self.backend.get(LEASE_KEY)
-        if data:
-            try:
-                held = json.loads(data)
-                if float(held["expires"]) > time.time():
-                    raise GcError(
-                        f"another GC holds {self.backend.url} (lease of {held['owner']}, until "
-                        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(held['expires'])))}); "
-                        "try again later"
-                    )
-            except (ValueError, KeyError, TypeError):
-                pass  # a garbled lease is no lease
+        try:
+            held = json.loads(data) if data else None
+            return held if isinstance(held, dict) and float(held["expires"]) > 0 else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def _write(self) -> None:
         body = json.dumps({"owner": self.owner, "expires": time.time() + self.duration}).encode()
         await self.backend.put(LEASE_KEY, body, "application/json")
+
+    async def acquire(self) -> None:
+        held = await self._holder()
+        if held is not None and float(held["expires"]) > time.time():
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held["expires"])))
+            raise GcError(f"another GC holds {self.backend.url} (lease of {held.get('owner')}, until {until}); "
+                          "try again later")  # fmt: skip
+        await self._write()
         await asyncio.sleep(0.2)  # let a racing writer land, then see who won
-        data = await self.backend.get(LEASE_KEY)
-        if not data or json.loads(data).get("owner") != self.owner:
+        held = await self._holder()
+        if held is None or held.get("owner") != self.owner:
             raise GcError(f"another GC took the lease of {self.backend.url} at the same moment; try again later")
 
+    async def renew(self) -> bool:
+        """Push the expiry out; False if the lease is no longer ours."""
+        held = await self._holder()
+        if held is None or held.get("owner") != self.owner:
+            return False
+        await self._write()
+        return True
+
     async def release(self) -> None:
-        data = await self.backend.get(LEASE_KEY)
-        if data and json.loads(data).get("owner") == self.owner:
+        held = await self._holder()
+        if held is not None and held.get("owner") == self.owner:
             await self.backend.delete(LEASE_KEY)
+
+    async def _keep(self, body: asyncio.Task[Any]) -> None:
+        while True:
+            await asyncio.sleep(self.duration / 3)
+            try:
+                if await self.renew():
+                    continue
+            except Exception as e:  # a backend hiccup: the lease still holds for two thirds of its time
+                log.warning("cannot renew the GC lease of %s: %s", self.backend.url, e)
+                continue
+            self.lost = True
+            body.cancel()
+            return
+
+    async def __aenter__(self) -> Lease:
+        await self.acquire()
+        body = asyncio.current_task()
+        assert body is not None
+        self._keeper = asyncio.create_task(self._keep(body))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        if self.lost:
+            if (body := asyncio.current_task()) is not None:
+                body.uncancel()  # the cancellation was ours, and it is answered by the GcError below
+            raise GcError(
+                f"another GC took the lease of {self.backend.url} while this one ran (it outlasted its lease of "
+                f"{self.duration:.0f}s without renewing it); stopped. Re-run GC once the other one is done"
+            ) from None
+        try:
+            await self.release()
+        except Exception as e:  # it expires by itself
+            log.warning("cannot release the GC lease of %s: %s", self.backend.url, e)
 
 
 @dataclass

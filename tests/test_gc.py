@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bz2
 import json
 import lzma
@@ -203,6 +204,36 @@ async def test_the_index_takes_mtimes_from_the_listing_on_s3(moto: object, monke
     assert (
         again.narinfos.mtimes[0] > first.narinfos.mtimes[0] and again.narinfos.mtimes[1:] == first.narinfos.mtimes[1:]
     )
+    await backend.close()
+
+
+async def test_the_lease_is_renewed_released_and_lost_loudly(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}"
+    backend = open_backend(url, Config(cache=url))
+    lease_file = tmp_path / gc.LEASE_KEY
+
+    async with gc.Lease(backend, 0.6):  # renewed every 0.2 s
+        first = json.loads(lease_file.read_text())["expires"]
+        await asyncio.sleep(0.9)  # longer than the lease itself
+        assert json.loads(lease_file.read_text())["expires"] > first + 0.3
+        with pytest.raises(gc.GcError, match="another GC holds"):
+            await gc.Lease(backend, 60).acquire()
+    assert not lease_file.exists()
+
+    with pytest.raises(RuntimeError, match="sweep failed"):  # released after a failure too
+        async with gc.Lease(backend, 60):
+            raise RuntimeError("sweep failed")
+    assert not lease_file.exists()
+
+    # another GC takes it meanwhile: this one stops at the next renewal with a clear error, and leaves
+    # the other's lease alone
+    started = time.monotonic()
+    with pytest.raises(gc.GcError, match="while this one ran"):
+        async with gc.Lease(backend, 0.6):
+            lease_file.write_text(json.dumps({"owner": "elsewhere", "expires": time.time() + 600}))
+            await asyncio.sleep(30)
+    assert time.monotonic() - started < 5
+    assert json.loads(lease_file.read_text())["owner"] == "elsewhere"
     await backend.close()
 
 
