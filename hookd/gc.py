@@ -559,14 +559,18 @@ class Lease:
         self.lost = False
         self._keeper: asyncio.Task[None] | None = None
 
-    async def _holder(self) -> dict[str, Any] | None:
-        """The lease as stored, or None when there is none (a garbled lease is no lease)."""
+    async def _holder(self) -> tuple[str, float] | None:
+        """The stored lease's owner and expiry, or None when there is none (a garbled lease is no lease)."""
         data = await self.backend.get(LEASE_KEY)
         try:
             held = json.loads(data) if data else None
-            return held if isinstance(held, dict) and float(held["expires"]) > 0 else None
+            return (str(held["owner"]), float(held["expires"])) if isinstance(held, dict) else None
         except (ValueError, KeyError, TypeError):
             return None
+
+    async def _ours(self) -> bool:
+        held = await self._holder()
+        return held is not None and held[0] == self.owner
 
     async def _write(self) -> None:
         body = json.dumps({"owner": self.owner, "expires": time.time() + self.duration}).encode()
@@ -574,27 +578,23 @@ class Lease:
 
     async def acquire(self) -> None:
         held = await self._holder()
-        if held is not None and float(held["expires"]) > time.time():
-            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held["expires"])))
-            raise GcError(f"another GC holds {self.backend.url} (lease of {held.get('owner')}, until {until}); "
-                          "try again later")  # fmt: skip
+        if held is not None and held[1] > time.time():
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held[1]))
+            raise GcError(f"another GC holds {self.backend.url} (lease of {held[0]}, until {until}); try again later")
         await self._write()
         await asyncio.sleep(0.2)  # let a racing writer land, then see who won
-        held = await self._holder()
-        if held is None or held.get("owner") != self.owner:
+        if not await self._ours():
             raise GcError(f"another GC took the lease of {self.backend.url} at the same moment; try again later")
 
     async def renew(self) -> bool:
         """Push the expiry out; False if the lease is no longer ours."""
-        held = await self._holder()
-        if held is None or held.get("owner") != self.owner:
+        if not await self._ours():
             return False
         await self._write()
         return True
 
     async def release(self) -> None:
-        held = await self._holder()
-        if held is not None and held.get("owner") == self.owner:
+        if await self._ours():
             await self.backend.delete(LEASE_KEY)
 
     async def _keep(self, body: asyncio.Task[Any]) -> None:
