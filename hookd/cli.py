@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -185,12 +186,14 @@ def _run(coro: Any) -> Any:
 @config_option
 @click.option("--older-than", default="30d", show_default=True, help="Retention: keep paths modified since.")
 @click.option("--max-size", help="Budget for the kept closure (for example 50G): oldest roots go first.")
-@click.option("--grace", default="1h", show_default=True, help="Never delete anything younger than this.")
+@click.option(
+    "--grace", default=None, help="Never delete anything younger than this (default: the config's gc_grace, 1h)."
+)
 @click.option("--lease", default="2h", show_default=True, help="How long the GC lease holds.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def gc(
-    cache: str | None, config_file: Path | None, older_than: str, max_size: str | None, grace: str,
+    cache: str | None, config_file: Path | None, older_than: str, max_size: str | None, grace: str | None,
     lease: str, dry_run: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Garbage-collect a throwaway cache: keep pins and recent closures, delete the rest safely."""
@@ -198,15 +201,25 @@ def gc(
     import time
 
     from . import gc as gcmod
+    from .safety import BoundsError
+    from .sweep import sweep
     from .units import format_size, parse_duration, parse_size
 
     setup_logging("warning")
     try:
-        retention, grace_s, lease_s = parse_duration(older_than), parse_duration(grace), parse_duration(lease)
+        retention, lease_s = parse_duration(older_than), parse_duration(lease)
+        grace_s = parse_duration(grace) if grace else None
         budget = parse_size(max_size) if max_size else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     cfg, backend = _backend(config_file, cache)
+    if grace_s is None:
+        grace_s = cfg.gc_grace
+    bounds = dataclasses.replace(cfg.bounds, grace=grace_s)
+    try:
+        bounds.check()
+    except BoundsError as e:
+        raise click.BadParameter(str(e)) from None
     progress = ProgressLine()
 
     async def collect() -> dict[str, Any]:
@@ -219,15 +232,18 @@ def gc(
         plan = gcmod.plan(snap, now=time.time(), older_than=retention, grace=grace_s, max_size=budget)
         out = {"cache": backend.url, "dry_run": dry_run, "narinfo_reads": snap.narinfo_reads, **plan.to_json()}
         if not dry_run:
-            result = await gcmod.sweep(backend, plan, progress)
-            out["deleted"] = {"objects": result.deleted, "bytes": result.bytes, "spared": result.spared}
+            result = await sweep(backend, snap, plan.candidates, bounds, progress)
+            out["deleted"] = {
+                "objects": result.deleted, "bytes": result.bytes, "spared": result.spared,
+                "not_checked": result.given_up,
+            }  # fmt: skip
         return out
 
     async def go() -> dict[str, Any]:
         try:
             if dry_run:  # reads only: no lease needed
                 return await collect()
-            async with gcmod.Lease(backend, lease_s):
+            async with gcmod.Lease(backend, lease_s, bounds.max_skew):
                 return await collect()
         finally:
             await backend.close()
@@ -250,7 +266,9 @@ def gc(
     if "deleted" in out:
         d = out["deleted"]
         click.echo(
-            f"deleted {d['objects']} objects ({format_size(d['bytes'])}); {d['spared']} spared (refreshed meanwhile)"
+            f"deleted {d['objects']} objects ({format_size(d['bytes'])}); {d['spared']} spared (refreshed or "
+            f"re-uploaded meanwhile, with what they refer to)"
+            + (f"; {d['not_checked']} left for the next run (sweep window closed)" if d["not_checked"] else "")
         )
 
 
@@ -376,16 +394,16 @@ def push(
         raise click.UsageError("hookd uploads closures only: a path whose references are missing is unusable")
     cfg = load_config(config_file, cache=cache or "file:///unused", _validate=False)
     store_paths = tuple(p if p.startswith(cfg.store_dir + "/") else os.path.realpath(p) for p in paths)
-    request = protocol.Enqueue(None, store_paths).encode()
+    answered = True
     try:
-        ok, detail = hook.send(str(cfg.socket_path), request, timeout=10)
+        ok, detail = hook.send(str(cfg.socket_path), protocol.Command("PUSH", store_paths).encode(), timeout=10)
     except OSError as e:
-        ok, detail = False, f"cannot reach {cfg.socket_path}: {e.strerror or e}"
+        ok, detail, answered = False, f"cannot reach {cfg.socket_path}: {e.strerror or e}", False
     if not ok:
-        if "not allowed" in detail:
+        if answered:  # the daemon said no: spooling the same request would not change its mind
             raise click.ClickException(f"the daemon refused: {detail}")
         try:
-            spooled = hook.spool(str(cfg.spool_path), request)
+            spooled = hook.spool(str(cfg.spool_path), protocol.Enqueue(None, store_paths).encode())
         except OSError as e:
             raise click.ClickException(f"daemon: {detail}; spool {cfg.spool_path}: {e.strerror}") from None
         click.echo(f"daemon: {detail}; spooled to {spooled} (the daemon picks it up when it starts)")
@@ -404,52 +422,63 @@ def push(
 
         _run(go())
         click.echo(f"pinned {store_paths[-1]} as {pin_name}")
-    if wait:
-        sys.exit(_wait_for(cfg, store_paths))
+    if wait and ok:
+        sys.exit(_wait_for(cfg, int(detail.split()[-1])))
 
 
-def _wait_for(cfg: Config, paths: tuple[str, ...]) -> int:
-    """Follow the closures of `paths` until every path is uploaded or failed; the exit status."""
+def _wait_for(cfg: Config, request_id: int) -> int:
+    """Follow one request until each path it planned is uploaded, failed or blocked; the exit status."""
     import time
 
-    from .operator import OperatorError, state_of
-    from .store import Store, StoreError
+    from . import protocol
+    from .lifecycle import FINAL, UNSUCCESSFUL
+    from .operator import OperatorError, ask
     from .units import format_duration
 
-    try:
-        closure = sorted(asyncio.run(Store(cfg.store_dir, cfg.nix_store).closure(paths)))
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
     tty = sys.stdout.isatty()
-    final = {"done": "uploaded", "upstream": "left to upstream", "failed": "FAILED", "dropped": "dropped"}
+    label = {"done": "uploaded", "upstream": "left to upstream", "failed": "FAILED", "blocked": "BLOCKED",
+             "dropped": "dropped"}  # fmt: skip
     reported: dict[str, str] = {}
     start = time.monotonic()
+    said = ""
     while True:
         try:
-            states = state_of(cfg, closure)
+            status = ask(cfg, protocol.Command("REQUEST", (str(request_id),)))
         except OperatorError as e:
             raise click.ClickException(str(e)) from None
-        for p in closure:
-            row = states.get(p)
-            if row and row["state"] in final and p not in reported:
-                reported[p] = str(row["state"])
+        if status is None:
+            raise click.ClickException(f"the daemon stopped; request {request_id} stays queued for its next start")
+        if status["state"] == "failed":
+            raise click.ClickException(f"request {request_id} failed: {status['error']}")
+        if status["state"] == "new" and status["error"] and status["error"] != said:
+            said = status["error"]
+            click.echo(f"not planned yet: {said} (retrying)", err=True)
+        rows: dict[str, dict[str, Any]] = status["paths"]
+        for p, row in rows.items():
+            if row["state"] in FINAL and p not in reported:
+                reported[p] = row["state"]
                 if not tty:
-                    err = f": {row['last_error']}" if row["state"] == "failed" else ""
-                    click.echo(f"{final[str(row['state'])]} {p}{err}")
+                    err = f": {row['error']}" if row["state"] in UNSUCCESSFUL else ""
+                    click.echo(f"{label[row['state']]} {p}{err}")
+        planned = status["state"] == "planned"
         if tty:
-            failed = sum(1 for v in reported.values() if v in ("failed", "dropped"))
-            bar_done = int(30 * len(reported) / max(1, len(closure)))
-            click.echo(f"\r\033[K[{'#' * bar_done}{'.' * (30 - bar_done)}] {len(reported)}/{len(closure)} paths"
+            failed = sum(1 for v in reported.values() if v in UNSUCCESSFUL)
+            total = max(1, len(rows))
+            bar_done = int(30 * len(reported) / total) if planned else 0
+            click.echo(f"\r\033[K[{'#' * bar_done}{'.' * (30 - bar_done)}] {len(reported)}/{len(rows)} paths"
                        f"{f', {failed} failed' if failed else ''} ({format_duration(time.monotonic() - start)})",
                        nl=False)  # fmt: skip
-        if len(reported) == len(closure):
+        if planned and len(reported) == len(rows):
             break
         time.sleep(0.2)
     if tty:
         click.echo()
-    bad = [p for p, st in reported.items() if st in ("failed", "dropped")]
-    for p in bad if tty else ():
-        click.echo(f"failed: {p}: {states[p]['last_error'] or states[p]['state']}")
+    bad = {p: rows[p] for p, st in reported.items() if st in UNSUCCESSFUL}
+    for p, row in bad.items() if tty else ():
+        click.echo(f"{row['state']}: {p}: {row['error'] or row['state']}")
+    causes = sorted({row["error"] for row in bad.values() if row["state"] == "failed"})
+    if causes:
+        click.echo(f"root cause: {causes[0]}", err=True)
     return 1 if bad else 0
 
 

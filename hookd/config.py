@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .safety import Bounds, BoundsError
+
 DEFAULT_CONFIG_FILE = Path("/etc/hookd/config.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/hookd")
 COMPRESSIONS = ("zstd", "xz", "none")
@@ -78,6 +80,13 @@ class Config:
     """The grace period `hookd gc` runs with (seconds). Before publishing a path, references found
     in the cache that were not touched within half of it are touched, so a GC running at the same
     time cannot take them."""
+    gc_check_to_delete: float = 20.0
+    """GC gives up a delete whose age check is older than this (seconds); uploaders wait longer than
+    this plus gc_request_timeout between touching what they reuse and publishing (hookd/safety.py)."""
+    gc_request_timeout: float = 20.0
+    """A GC delete or an uploader's publish not answered within this many seconds is abandoned."""
+    max_clock_skew: float = 30.0
+    """GC refuses to run when the bucket's clock and this host's differ by more (seconds)."""
     existence_concurrency: int = 32
     """Existence checks (narinfo HEADs) in flight at once while planning."""
     upstream_caches: list[str] = field(default_factory=list)
@@ -118,6 +127,11 @@ class Config:
         return self.secret_key_file or self.state_dir / "secret-key"
 
     @property
+    def bounds(self) -> Bounds:
+        """The upload/GC protocol's timing bounds (the same on every uploader and GC of a cache)."""
+        return Bounds(self.gc_grace, self.gc_check_to_delete, self.gc_request_timeout, self.max_clock_skew)
+
+    @property
     def level(self) -> int:
         if self.compression_level is not None:
             return self.compression_level
@@ -135,6 +149,10 @@ class Config:
             raise ConfigError("max_parallel must be at least 1")
         if not self.store_dir.startswith("/") or self.store_dir != self.store_dir.rstrip("/"):
             raise ConfigError(f"store_dir {self.store_dir!r} must be absolute, without a trailing '/'")
+        try:
+            self.bounds.check()
+        except BoundsError as e:
+            raise ConfigError(str(e)) from None
         if len(os.fsencode(self.socket_path)) > 107:
             raise ConfigError(f"socket path {self.socket_path} is longer than a Unix socket allows (107 bytes)")
         return self

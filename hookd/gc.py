@@ -2,11 +2,11 @@
 
 Roots are the pins (stored in the cache, under `hookd-pins/`) and every narinfo modified within the
 retention window (uploads and dedup hits reset a narinfo's age). The mark is the closure of the roots
-through `References`. The sweep deletes, in this order: unmarked and broken narinfos, then NARs no
-remaining narinfo points to, then the listings and build logs of deleted paths. A narinfo whose NAR or
-references are missing is broken: it and its referrers go. Nothing younger than the grace period is
-deleted, and each object's age is checked again right before it is deleted, so uploads running at the
-same time are safe (uploaders touch what they reuse; see DESIGN.md).
+through `References`. A narinfo whose NAR or references are missing is broken: it and its referrers
+go. `plan` names the candidates (unmarked or broken narinfos older than the grace period) and forecasts
+what follows from them; `sweep.sweep` deletes them under the upload/GC protocol of `safety.py`
+(narinfos referrers first, a narinfo found young spares its closure, NARs decided last, every delete
+within a bound of its check), so builders may keep uploading meanwhile.
 
 `snapshot` reads the cache (a listing, and each narinfo once: the parsed narinfos are kept in a local
 index and reused while their ETag, or size and mtime, is unchanged, so a repeat run over an unchanged
@@ -185,6 +185,7 @@ class Snapshot:
     pins: dict[str, str] = field(default_factory=dict)  # name -> store path
     unknown: list[str] = field(default_factory=list)
     narinfo_reads: int = 0
+    started: float = 0.0  # time.monotonic() when the listing began: the sweep's window counts from it
 
     def __repr__(self) -> str:
         return f"Snapshot({len(self.narinfos)} narinfos, {len(self.nars)} NARs, {len(self.others)} others)"
@@ -291,6 +292,7 @@ def split_listing(listed: list[ObjectStat]) -> tuple[list[ObjectStat], list[Obje
 
 
 async def snapshot(backend: Backend, index: NarinfoIndex, progress: Progress = no_progress) -> Snapshot:
+    started = time.monotonic()
     listed: list[ObjectStat] = []
     try:
         async for obj in backend.list():
@@ -322,7 +324,7 @@ async def snapshot(backend: Backend, index: NarinfoIndex, progress: Progress = n
                 pins[key[len(PIN_PREFIX) :]] = path
         elif not known_kind(key):
             unknown.append(key)
-    return Snapshot(catalog, nars, others, pins, unknown, reads)
+    return Snapshot(catalog, nars, others, pins, unknown, reads, started)
 
 
 async def _refresh(backend: Backend, old: Catalog, objs: list[ObjectStat], progress: Progress) -> tuple[Catalog, int]:
@@ -376,7 +378,8 @@ class Category:
 class GcPlan:
     now: float
     grace: float
-    delete_narinfos: list[str] = field(default_factory=list)  # unmarked and broken, in that order
+    candidates: list[int] = field(default_factory=list)  # catalog rows to sweep: unmarked or broken, old
+    delete_narinfos: list[str] = field(default_factory=list)  # their keys, unmarked then broken
     delete_nars: list[str] = field(default_factory=list)
     delete_other: list[str] = field(default_factory=list)  # listings and logs
     broken: dict[str, str] = field(default_factory=dict)  # narinfo key -> why
@@ -507,6 +510,7 @@ def plan(
     spared = [i for i in rest if mtimes[i] >= young]
     out.tally("narinfos spared (younger than grace)", len(spared), sum(map(sizes.__getitem__, spared)))
     deleted = sorted(rest.difference(spared))
+    out.candidates = deleted
     out.delete_narinfos = sorted((cat.keys[i] for i in deleted), key=lambda k: (k in out.broken, k))
     for name, part in (("narinfos deleted", False), ("narinfos broken, deleted", True)):
         chosen = [sizes[i] for i in deleted if (i in broken) == part]
@@ -552,9 +556,10 @@ class Lease:
     (this one stalled past the expiry), the body is cancelled and GcError raised: two sweeps never
     knowingly overlap."""
 
-    def __init__(self, backend: Backend, duration: float) -> None:
+    def __init__(self, backend: Backend, duration: float, max_skew: float | None = None) -> None:
         self.backend = backend
         self.duration = duration
+        self.max_skew = max_skew  # refuse to run when the bucket's clock is further from ours
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lost = False
         self._keeper: asyncio.Task[None] | None = None
@@ -572,17 +577,40 @@ class Lease:
         held = await self._holder()
         return held is not None and held[0] == self.owner
 
-    async def _write(self) -> None:
-        body = json.dumps({"owner": self.owner, "expires": time.time() + self.duration}).encode()
+    async def _write(self) -> tuple[float, float]:
+        """Write the lease; the wall-clock interval within which the bucket stamped it."""
+        before = time.time()
+        body = json.dumps({"owner": self.owner, "expires": before + self.duration}).encode()
         await self.backend.put(LEASE_KEY, body, "application/json")
+        return before, time.time()
+
+    async def _check_skew(self, before: float, after: float) -> None:
+        """GC compares the bucket's times with its own clock: refuse to run if they differ too much.
+
+        The lease was stamped by the bucket between `before` and `after` (our clock); stamps may be
+        truncated to whole seconds (S3, HTTP dates), hence the one-second allowance."""
+        if self.max_skew is None:
+            return
+        obj = await self.backend.stat(LEASE_KEY)
+        if obj is None:
+            return  # taken over at once: acquire() reports it
+        skew = max(before - 1.0 - obj.mtime, obj.mtime - after, 0.0)
+        if skew > self.max_skew:
+            await self.backend.delete(LEASE_KEY)
+            raise GcError(
+                f"the clock of {self.backend.url} differs from this host's by about {skew:.0f}s, more than "
+                f"max_clock_skew ({self.max_skew:g}s): GC judges ages by that clock. Fix the time "
+                f"(NTP) on this host or the server"
+            )
 
     async def acquire(self) -> None:
         held = await self._holder()
         if held is not None and held[1] > time.time():
             until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held[1]))
             raise GcError(f"another GC holds {self.backend.url} (lease of {held[0]}, until {until}); try again later")
-        await self._write()
+        before, after = await self._write()
         await asyncio.sleep(0.2)  # let a racing writer land, then see who won
+        await self._check_skew(before, after)
         if not await self._ours():
             raise GcError(f"another GC took the lease of {self.backend.url} at the same moment; try again later")
 
@@ -632,41 +660,6 @@ class Lease:
             await self.release()
         except Exception as e:  # it expires by itself
             log.warning("cannot release the GC lease of %s: %s", self.backend.url, e)
-
-
-@dataclass
-class SweepResult:
-    deleted: int = 0
-    bytes: int = 0
-    spared: int = 0  # found younger than grace (refreshed or re-uploaded) just before deletion
-
-
-async def sweep(backend: Backend, gc_plan: GcPlan, progress: Progress = no_progress) -> SweepResult:
-    """Delete in the plan's order; each object's age is checked again just before it goes."""
-    result = SweepResult()
-    gate = asyncio.Semaphore(READ_CONCURRENCY)
-    total = len(gc_plan.deletions)
-    done = 0
-
-    async def remove(key: str) -> None:
-        nonlocal done
-        async with gate:
-            obj = await backend.stat(key)
-            if obj is not None and obj.mtime >= time.time() - gc_plan.grace:
-                result.spared += 1
-            elif obj is not None:
-                await backend.delete(key)
-                result.deleted += 1
-                result.bytes += obj.size
-        done += 1
-        if done % 100 == 0:
-            progress("deleting", done, total)
-
-    # phases run one after the other: no NAR goes while a narinfo pointing at it may remain
-    for phase in (gc_plan.delete_narinfos, gc_plan.delete_nars, gc_plan.delete_other):
-        await asyncio.gather(*(remove(k) for k in phase))
-    progress("deleting", total, total)
-    return result
 
 
 # --- pins -----------------------------------------------------------------------------------------

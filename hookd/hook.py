@@ -34,7 +34,8 @@ def spool_dir(env: os._Environ[str] | dict[str, str]) -> str:
 
 
 def send(path: str, request: bytes, timeout: float = TIMEOUT) -> tuple[bool, str]:
-    """Send one request; (True, detail) once the daemon says it is committed."""
+    """Send one request: (True, detail) once the daemon says it is committed, (False, why) when it
+    refuses it. OSError (TimeoutError, ConnectionError…) when there is no answer at all."""
     deadline = time.monotonic() + timeout
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
@@ -45,14 +46,14 @@ def send(path: str, request: bytes, timeout: float = TIMEOUT) -> tuple[bool, str
         while not answer.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0:
-                return False, f"no answer from {path} within {timeout:g} s"
+                raise TimeoutError(f"no answer from {path} within {timeout:g} s")
             sock.settimeout(left)
             data = sock.recv(4096)
             if not data:
-                return False, f"{path} closed the connection without an answer"
+                raise ConnectionResetError(f"{path} closed the connection without an answer")
             answer += data
             if len(answer) > 65536:
-                return False, "answer too long"
+                raise ConnectionResetError(f"{path} answered with an overlong line")
         return protocol.parse_response(answer)
     finally:
         sock.close()

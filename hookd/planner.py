@@ -21,11 +21,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from . import narinfo
 from .backends import Backend, BackendError, open_backend
+from .backends.retry import backoff
 from .config import Config
 from .metrics import Metrics
 from .queue import Queue, Request
@@ -35,6 +36,8 @@ from .store import InvalidPathError, PathInfo, Store, StoreError
 log = logging.getLogger("hookd")
 
 IDENTITY_KEY = "hookd-cache-id"
+SPOOL_POLL = 5.0
+PLAN_DELAY = 0.05  # gather the requests of a burst of builds into one `nix path-info` call
 
 
 class TrustedKeys:
@@ -157,8 +160,6 @@ class Planner:
             log.error("request %d failed: %s", reqs[0].id, e)
             await self.queue.fail_request(reqs[0].id, str(e))
         except (StoreError, BackendError) as e:
-            from .daemon import backoff
-
             delay = backoff(min(r.attempts for r in reqs), self.cfg.retry_base, self.cfg.retry_max)
             log.warning("cannot plan %d requests yet: %s (retry in %.0fs)", len(reqs), e, delay)
             await self.queue.retry_requests([r.id for r in reqs], str(e), time.time() + delay)
@@ -166,7 +167,7 @@ class Planner:
 
     async def _plan(self, reqs: Sequence[Request]) -> Plan:
         # Requests that name only outputs already recorded: their closures went up before them.
-        quick = [r for r in reqs if r.outs and len(r.outs) <= 1000]
+        quick = [r for r in reqs if r.outs and len(r.outs) <= 1000 and r.source != "cli"]
         recorded = await self.queue.known_uploaded({p for r in quick for p in r.outs}, self.cfg.recheck_interval)
         done = [r for r in quick if set(r.outs) <= recorded]
         if done:
@@ -181,13 +182,18 @@ class Planner:
 
         roots = await self._roots(reqs)
         closure = await self.store.closure(dict.fromkeys(roots)) if roots else {}
-        known = await self.queue.known_uploaded(closure, self.cfg.recheck_interval)
+        checked_at = time.time()
+        # `hookd push` asks for certainty: its closure is checked against the cache, not local records
+        trust = 0.0 if any(r.source == "cli" for r in reqs) else self.cfg.recheck_interval
+        known = await self.queue.known_uploaded(closure, trust) if trust else set()
         upstream = {p for p, i in closure.items() if p not in known and self._signed_upstream(i)}
         unknown = [i for p, i in closure.items() if p not in known and p not in upstream]
         present = await self._present(unknown)
         if self.upstreams:
             upstream |= await self._in_upstream([i for i in unknown if i.path not in present])
-        await self.queue.plan([r.id for r in reqs], closure, {**dict.fromkeys(known, 0.0), **present}, upstream)
+        await self.queue.plan(
+            [r.id for r in reqs], closure, {**dict.fromkeys(known, 0.0), **present}, upstream, checked_at
+        )
         # Keep young what was asked for again (GC retention counts from the last need); references
         # of new uploads are touched, if need be, right before their referrer is published.
         await self.refresh(p for p in roots if p in known or p in present)
@@ -294,3 +300,31 @@ class Planner:
             log.warning("%d paths recorded as cached are gone from the cache (GC?): uploading them again", len(gone))
             await self.queue.forget(gone)
         return gone
+
+
+async def run(
+    planner: Planner,
+    stopping: asyncio.Event,
+    wake: asyncio.Event,
+    poll_spool: Callable[[], Awaitable[int]],
+    on_planned: Callable[[], None],
+) -> None:
+    """The planner loop: plan due requests in batches; between them, wait for a wake-up and poll the spool."""
+    from .scheduler import wait_event
+
+    while not stopping.is_set():
+        try:
+            reqs = await planner.queue.due_requests()
+            if reqs:
+                await planner.plan(reqs)
+                on_planned()
+                continue
+            nxt = await planner.queue.next_request_time()
+            timeout = SPOOL_POLL if nxt is None else max(0.05, min(SPOOL_POLL, nxt - time.time()))
+            await wait_event(wake, timeout)
+            if not stopping.is_set():
+                await poll_spool()
+                await wait_event(stopping, PLAN_DELAY, clear=False)
+        except Exception:
+            log.exception("planner error; retrying in %gs", SPOOL_POLL)
+            await wait_event(stopping, SPOOL_POLL, clear=False)

@@ -7,6 +7,8 @@ nix-daemon's build loop, where every millisecond of start-up counts.
     ENQUEUE <drv-path or -> [<out-path> ...]   queue outputs (or, with none, the outputs of the .drv)
     PING                                       liveness check
     STATUS | RETRY <path>...|--failed | DROP <path>...   operator commands (answer: OK <json>)
+    PUSH <path>...                             `hookd push`: like ENQUEUE, checked against the cache
+    REQUEST <id>                               a request's state and its paths' (answer: OK <json>)
 
 Responses: `OK [detail]\\n` once the request is committed to the queue, or `ERR <message>\\n`.
 This module is imported by the hook: standard library only, and no `typing`, `re` or `dataclasses`.
@@ -41,10 +43,10 @@ class Enqueue:
 
 
 class Command:
-    """An operator request: STATUS, RETRY <path>...|--failed, DROP <path>..."""
+    """An operator request: STATUS, RETRY <path>...|--failed, DROP <path>..., PUSH <path>..., REQUEST <id>"""
 
     __slots__ = ("args", "verb")
-    VERBS = ("STATUS", "RETRY", "DROP")
+    VERBS = ("STATUS", "RETRY", "DROP", "PUSH", "REQUEST")
 
     def __init__(self, verb: str, args: tuple[str, ...] = ()) -> None:
         self.verb = verb
@@ -88,11 +90,15 @@ def parse_request(line: bytes) -> Enqueue | Ping | Command:
             raise ProtocolError(f"{verb} takes paths separated by single spaces")
         if verb == "STATUS" and args:
             raise ProtocolError("STATUS takes no arguments")
-        if verb in ("RETRY", "DROP") and not args:
+        if verb in ("RETRY", "DROP", "PUSH") and not args:
             raise ProtocolError(f"{verb} needs paths (or --failed for RETRY)")
+        if verb == "REQUEST" and (len(args) != 1 or not args[0].isdigit() or len(args[0]) > 18):
+            raise ProtocolError("REQUEST takes one request number")
+        if verb == "PUSH" and any(len(a) > MAX_PATH_LEN for a in args):
+            raise ProtocolError(f"path longer than {MAX_PATH_LEN} characters")
         return Command(verb, args)
     if verb != "ENQUEUE":
-        raise ProtocolError(f"unknown request {verb[:20]!r} (expected ENQUEUE, PING, STATUS, RETRY or DROP)")
+        raise ProtocolError(f"unknown request {verb[:20]!r} (expected ENQUEUE, PING, {', '.join(Command.VERBS)})")
     if len(words) < 2 or any(not w for w in words[1:]):
         raise ProtocolError("ENQUEUE needs a .drv path or '-', then paths separated by single spaces")
     drv = None if words[1] == "-" else words[1]

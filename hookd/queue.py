@@ -10,17 +10,34 @@ all its references are there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import aiosqlite
 
+from .lifecycle import (
+    BLOCKED,
+    BLOCKING,
+    DONE,
+    DROPPED,
+    EVENT_OF,
+    FAILED,
+    PENDING,
+    SATISFIED,
+    STATES,
+    UPLOADING,
+    UPSTREAM,
+    sql_list,
+)
 from .store import PathInfo, parse_path_info
+
+__all__ = ["BLOCKED", "DONE", "DROPPED", "FAILED", "PENDING", "STATES", "UPLOADING", "UPSTREAM", "Outcome", "Queue"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -38,7 +55,7 @@ CREATE INDEX IF NOT EXISTS requests_state ON requests(state, next_try);
 CREATE TABLE IF NOT EXISTS paths (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,             -- pending, done, failed
+    state TEXT NOT NULL,             -- see lifecycle.py
     info TEXT NOT NULL,              -- PathInfo as JSON, read from the store when planned
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0,
@@ -73,6 +90,11 @@ CREATE TABLE IF NOT EXISTS events (  -- what happened to each path, for `hookd q
 );
 CREATE INDEX IF NOT EXISTS events_path ON events(path, time);
 CREATE INDEX IF NOT EXISTS events_time ON events(event, time);
+CREATE TABLE IF NOT EXISTS request_paths (  -- the closure each request planned, for `push --wait`
+    request_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (request_id, path)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS refs (
     path TEXT NOT NULL,
     ref TEXT NOT NULL,
@@ -83,11 +105,8 @@ CREATE TABLE IF NOT EXISTS refs (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-PENDING, DONE, FAILED, UPSTREAM, DROPPED = "pending", "done", "failed", "upstream", "dropped"
-STATES = (PENDING, DONE, FAILED, UPSTREAM, DROPPED)
 PATH_COLUMNS = ("path", "state", "attempts", "next_try", "last_error", "nar_size", "file_size", "created", "updated")
 EVENT_RETENTION = 30 * 86400.0
-SATISFIED = (DONE, UPSTREAM)  # a referrer may be published once each reference is in one of these
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,8 @@ def _serialized(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
 
 class Queue:
+    """The queue's tables; every method is one statement or one transaction."""
+
     def __init__(self, db: aiosqlite.Connection, store_dir: str) -> None:
         self.db = db
         self.store_dir = store_dir
@@ -155,6 +176,22 @@ class Queue:
 
     async def close(self) -> None:
         await self.db.close()
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any error (the caller holds the queue's lock)."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        await self.db.execute("COMMIT")
+
+    async def recover(self) -> int:
+        """At start-up: uploads that were in flight when the daemon died are pending again."""
+        cur = await self.db.execute(f"UPDATE paths SET state = '{PENDING}' WHERE state = '{UPLOADING}'")
+        return cur.rowcount
 
     # --- requests -----------------------------------------------------------------------------------
 
@@ -205,64 +242,60 @@ class Queue:
         infos: dict[str, PathInfo],
         present: Mapping[str, float] | Iterable[str] = (),
         upstream: Iterable[str] = (),
+        checked_at: float | None = None,
     ) -> int:
         """Queue a planned closure and mark the requests planned, in one transaction.
 
         `infos` is the whole closure; paths in `present` are already in the cache (with the narinfo's
         last-modified time, where known) and those in `upstream` are left to an upstream cache: both
-        are recorded as satisfied, not uploaded. Every other path is (re)queued as pending. Returns how
-        many paths were queued.
+        are recorded as satisfied, not uploaded. Every other path is (re)queued as pending, except
+        one being uploaded and one that became done after `checked_at` (when the plan's existence
+        checks began): the plan could not have seen those. Returns how many paths were queued.
         """
         now = time.time()
+        since = now if checked_at is None else checked_at
         ages = dict(present) if isinstance(present, Mapping) else dict.fromkeys(present, 0.0)
         present, upstream = set(ages), set(upstream)
         rows = [
-            (
-                p,
-                DONE if p in present else UPSTREAM if p in upstream else PENDING,
-                json.dumps(i.to_json()),
-                now,
-                now,
-            )
+            (p, DONE if p in present else UPSTREAM if p in upstream else PENDING, json.dumps(i.to_json()), now, now)
             for p, i in infos.items()
         ]
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            await self.db.executemany(
+        queued = [r[0] for r in rows if r[1] == PENDING]
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT INTO events (time, path, event) SELECT ?, ?, 'queued' WHERE NOT EXISTS "
+                f"(SELECT 1 FROM paths WHERE path = ? AND (state IN {sql_list((PENDING, UPLOADING))} "
+                f"OR (state = '{DONE}' AND updated >= ?)))",
+                [(now, p, p, since) for p in queued],
+            )
+            await db.executemany(
                 "INSERT INTO paths (path, state, info, created, updated) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET state = excluded.state, attempts = 0, next_try = 0, "
-                "info = excluded.info, updated = excluded.updated "
-                "WHERE paths.state != excluded.state",
-                rows,
+                "last_error = NULL, info = excluded.info, updated = excluded.updated "
+                f"WHERE paths.state != excluded.state AND paths.state != '{UPLOADING}' "
+                f"AND NOT (paths.state = '{DONE}' AND paths.updated >= ?)",
+                [(*r, since) for r in rows],
             )
-            queued = [r[0] for r in rows if r[1] == PENDING]
-            await self.db.executemany(
-                "INSERT INTO events (time, path, event) SELECT ?, ?, 'queued' WHERE NOT EXISTS "
-                "(SELECT 1 FROM paths WHERE path = ? AND state = 'pending' AND updated < ?)",
-                [(now, p, p, now) for p in queued],
-            )
-            await self.db.executemany(
+            await db.executemany(
                 "INSERT OR IGNORE INTO refs (path, ref) VALUES (?, ?)",
                 [(p, r) for p, i in infos.items() for r in i.references if r != p],
             )
-            await self.db.executemany(
+            await db.executemany(
                 "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked, "
                 "refreshed = MAX(refreshed, excluded.refreshed)",
                 [(p, now, ages[p]) for p in present],
             )
-            await self.db.executemany(
-                "UPDATE requests SET state = 'planned', error = NULL WHERE id = ?",
-                [(i,) for i in request_ids],
+            ids = list(request_ids)
+            await db.executemany(
+                "INSERT OR IGNORE INTO request_paths (request_id, path) VALUES (?, ?)",
+                [(i, p) for i in ids for p in infos],
             )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-        return sum(1 for r in rows if r[1] == PENDING)
-
-    # --- what the cache holds ---------------------------------------------------------------------
-
+            await db.executemany(
+                "UPDATE requests SET state = 'planned', error = NULL WHERE id = ?", [(i,) for i in ids]
+            )
+            await self._block_referrers(queued, now)
+        return len(queued)
     @_serialized
     async def get_meta(self, key: str) -> str | None:
         value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))
@@ -271,19 +304,13 @@ class Queue:
     @_serialized
     async def set_cache_identity(self, identity: str) -> None:
         """A different cache (or the same one emptied): forget everything we knew it held."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            await self.db.execute("DELETE FROM uploaded")
-            await self.db.execute(
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM uploaded")
+            await db.execute(
                 "INSERT INTO meta (key, value) VALUES ('cache_id', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (identity,),
             )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
-
     @_serialized
     async def known_uploaded(self, paths: Iterable[str], max_age: float) -> set[str]:
         """The paths recorded in the cache within `max_age` seconds (no network needed for those)."""
@@ -308,14 +335,25 @@ class Queue:
         )
 
     @_serialized
-    async def forget(self, paths: Iterable[str]) -> None:
-        """These paths turned out to be gone from the cache (a GC took them): queue them again."""
+    async def forget(self, paths: Iterable[str]) -> int:
+        """These paths turned out to be gone from the cache (a GC took them): queue them again.
+        Returns how many were queued again."""
         rows = [(p,) for p in paths]
         await self.db.executemany("DELETE FROM uploaded WHERE path = ?", rows)
-        await self.db.executemany(
-            "UPDATE paths SET state = 'pending', attempts = 0, next_try = 0 WHERE path = ? AND state = 'done'",
+        cur = await self.db.executemany(
+            f"UPDATE paths SET state = '{PENDING}', attempts = 0, next_try = 0 WHERE path = ? AND state = '{DONE}'",
             rows,
         )
+        return max(0, cur.rowcount)
+
+    @_serialized
+    async def upstream_references(self, path: str) -> set[str]:
+        """The references of `path` left to an upstream cache (not in ours: nothing to touch there)."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT r.ref FROM refs r JOIN paths q ON q.path = r.ref WHERE r.path = ? AND q.state = '{UPSTREAM}'",
+            (path,),
+        )
+        return {r[0] for r in rows}
 
     @_serialized
     async def upstream_answers(self, paths: Iterable[str], positive_ttl: float, negative_ttl: float) -> dict[str, bool]:
@@ -352,12 +390,12 @@ class Queue:
 
     @_serialized
     async def ready(self, limit: int, exclude: Iterable[str] = ()) -> list[PathInfo]:
-        """Pending paths whose retry time has come and whose references are all done, oldest first."""
+        """Pending paths whose retry time has come and whose references are all satisfied, oldest first."""
         excluded = set(exclude)
         rows = await self.db.execute_fetchall(
-            "SELECT p.path, p.info FROM paths p WHERE p.state = 'pending' AND p.next_try <= ? "
+            f"SELECT p.path, p.info FROM paths p WHERE p.state = '{PENDING}' AND p.next_try <= ? "
             "AND NOT EXISTS (SELECT 1 FROM refs r JOIN paths q ON q.path = r.ref "
-            "                WHERE r.path = p.path AND q.state NOT IN ('done', 'upstream')) "
+            f"                WHERE r.path = p.path AND q.state NOT IN {sql_list(SATISFIED)}) "
             "ORDER BY p.id LIMIT ?",
             (time.time(), limit + len(excluded)),
         )
@@ -371,48 +409,97 @@ class Queue:
         return out
 
     @_serialized
+    async def start(self, paths: Sequence[str]) -> None:
+        """These pending paths are being uploaded now: no plan may queue them again meanwhile."""
+        now = time.time()
+        await self.db.executemany(
+            f"UPDATE paths SET state = '{UPLOADING}', updated = ? WHERE path = ? AND state = '{PENDING}'",
+            [(now, p) for p in paths],
+        )
+    @_serialized
     async def next_path_time(self) -> float | None:
-        value = await self._scalar("SELECT MIN(next_try) FROM paths WHERE state = 'pending'")
+        value = await self._scalar(f"SELECT MIN(next_try) FROM paths WHERE state = '{PENDING}'")
         return float(value) if value is not None else None
 
     @_serialized
     async def record(self, outcomes: Sequence[Outcome]) -> None:
-        """Record a batch of attempt outcomes in one transaction."""
+        """Record a batch of attempt outcomes in one transaction; a failure blocks the path's referrers."""
         if not outcomes:
             return
         now = time.time()
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
-            await self.db.executemany(
+        async with self._transaction() as db:
+            await db.executemany(
                 "UPDATE paths SET state = ?, last_error = ?, next_try = ?, updated = ?, "
-                "attempts = attempts + (CASE WHEN ? = 'done' THEN 0 ELSE 1 END), "
+                f"attempts = attempts + (CASE WHEN ? = '{DONE}' THEN 0 ELSE 1 END), "
                 "nar_size = COALESCE(?, nar_size), file_size = COALESCE(?, file_size) WHERE path = ?",
                 [(o.state, o.error, o.next_try, now, o.state, o.nar_size, o.file_size, o.path) for o in outcomes],
             )
-            await self.db.executemany(
+            await db.executemany(
                 "INSERT INTO events (time, path, event, bytes, detail) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (
-                        now,
-                        o.path,
-                        {DONE: "uploaded", FAILED: "failed"}.get(o.state, "retry"),
-                        o.file_size,
-                        o.error,
-                    )
-                    for o in outcomes
-                ],
+                [(now, o.path, EVENT_OF.get(o.state, "retry"), o.file_size, o.error) for o in outcomes],
             )
-            now_done = [(o.path, now) for o in outcomes if o.state == DONE]
-            await self.db.executemany(
+            await db.executemany(
                 "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, ?2) "
                 "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked, refreshed = excluded.refreshed",
-                now_done,
+                [(o.path, now) for o in outcomes if o.state == DONE],
             )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+            await self._block_referrers([o.path for o in outcomes if o.state in BLOCKING], now)
 
+    async def _block_referrers(self, paths: Iterable[str], now: float) -> None:
+        """Block the queued referrers (transitively) of these paths, if they are failed, dropped or
+        blocked; and these paths themselves if one of their references is. Inside a transaction."""
+        todo = list(paths)
+        seen: set[str] = set()
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            row = list(await self.db.execute_fetchall("SELECT state FROM paths WHERE path = ?", (path,)))
+            if not row:
+                continue
+            state = row[0][0]
+            if state in (PENDING, BLOCKED):  # is it blocked by one of its references?
+                cause = list(await self.db.execute_fetchall(
+                    "SELECT q.path, q.state, q.last_error FROM refs r JOIN paths q ON q.path = r.ref "
+                    f"WHERE r.path = ? AND r.ref != r.path AND q.state IN {sql_list(BLOCKING)} LIMIT 1",
+                    (path,),
+                ))
+                if not cause:
+                    continue
+                ref, ref_state, ref_error = cause[0]
+                root = ref_error if ref_state == BLOCKED and ref_error else f"blocked by {ref} ({ref_state})"
+                if state == PENDING:
+                    await self.db.execute(
+                        f"UPDATE paths SET state = '{BLOCKED}', last_error = ?, updated = ? WHERE path = ?",
+                        (root, now, path),
+                    )
+                    await self.db.execute(
+                        "INSERT INTO events (time, path, event, detail) VALUES (?, ?, 'blocked', ?)", (now, path, root)
+                    )
+                state = BLOCKED
+            if state in BLOCKING:
+                referrers = await self.db.execute_fetchall(
+                    "SELECT path FROM refs WHERE ref = ? AND path != ref", (path,)
+                )
+                todo.extend(r[0] for r in referrers)
+
+    @_serialized
+    async def request_status(self, request_id: int) -> dict[str, Any] | None:
+        """A request's state and the state of every path it planned (for `push --wait`)."""
+        row = list(await self.db.execute_fetchall("SELECT state, error FROM requests WHERE id = ?", (request_id,)))
+        if not row:
+            return None
+        paths = await self.db.execute_fetchall(
+            "SELECT p.path, p.state, p.last_error FROM request_paths rp JOIN paths p ON p.path = rp.path "
+            "WHERE rp.request_id = ? ORDER BY p.id",
+            (request_id,),
+        )
+        return {
+            "state": row[0][0],
+            "error": row[0][1],
+            "paths": {p: {"state": st, "error": err} for p, st, err in paths},
+        }
     @_serialized
     async def list_paths(self, state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
@@ -440,30 +527,31 @@ class Queue:
 
     @_serialized
     async def retry(self, paths: Sequence[str] = (), failed: bool = False) -> int:
-        """Make failed (or backing-off) paths due now; returns how many."""
+        """Make failed (or backing-off) paths due now, and unblock what waited on them; returns how many."""
         now = time.time()
         targets = list(paths)
         if failed:
-            cur = await self.db.execute("SELECT path FROM paths WHERE state = 'failed'")
+            cur = await self.db.execute(f"SELECT path FROM paths WHERE state = '{FAILED}'")
             targets += [r[0] for r in await cur.fetchall()]
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction() as db:
             changed = 0
             for p in dict.fromkeys(targets):
-                cur = await self.db.execute(
-                    "UPDATE paths SET state = 'pending', attempts = 0, next_try = 0, updated = ? "
-                    "WHERE path = ? AND state IN ('failed', 'pending', 'dropped')",
+                cur = await db.execute(
+                    f"UPDATE paths SET state = '{PENDING}', attempts = 0, next_try = 0, updated = ? "
+                    f"WHERE path = ? AND state IN {sql_list((FAILED, PENDING, DROPPED, BLOCKED))}",
                     (now, p),
                 )
                 if cur.rowcount:
                     changed += 1
-                    await self.db.execute("INSERT INTO events (time, path, event) VALUES (?, ?, 'requeued')", (now, p))
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+                    await db.execute("INSERT INTO events (time, path, event) VALUES (?, ?, 'requeued')", (now, p))
+            if changed:  # unblock everything, then block again what still waits on a failure
+                blocked = [r[0] for r in await db.execute_fetchall(f"SELECT path FROM paths WHERE state = '{BLOCKED}'")]
+                await db.execute(
+                    f"UPDATE paths SET state = '{PENDING}', last_error = NULL, updated = ? WHERE state = '{BLOCKED}'",
+                    (now,),
+                )
+                await self._block_referrers(blocked, now)
         return changed
-
     @_serialized
     async def drop(self, paths: Sequence[str]) -> list[str]:
         """Stop trying to upload these paths, and the queued paths that refer to them (which could
@@ -471,26 +559,21 @@ class Queue:
         now = time.time()
         dropped: list[str] = []
         todo = list(paths)
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction() as db:
             while todo:
                 p = todo.pop()
-                cur = await self.db.execute(
-                    "UPDATE paths SET state = 'dropped', updated = ? WHERE path = ? AND state IN ('pending', 'failed')",
+                cur = await db.execute(
+                    f"UPDATE paths SET state = '{DROPPED}', updated = ? WHERE path = ? "
+                    f"AND state IN {sql_list((PENDING, FAILED, BLOCKED))}",
                     (now, p),
                 )
                 if not cur.rowcount:
                     continue
                 dropped.append(p)
-                await self.db.execute("INSERT INTO events (time, path, event) VALUES (?, ?, 'dropped')", (now, p))
-                cur = await self.db.execute("SELECT path FROM refs WHERE ref = ? AND path != ref", (p,))
+                await db.execute("INSERT INTO events (time, path, event) VALUES (?, ?, 'dropped')", (now, p))
+                cur = await db.execute("SELECT path FROM refs WHERE ref = ? AND path != ref", (p,))
                 todo.extend(r[0] for r in await cur.fetchall())
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return dropped
-
     @_serialized
     async def stats(self) -> dict[str, Any]:
         """Queue depth by state, upload rates, the oldest pending path and the latest errors."""
@@ -507,11 +590,13 @@ class Queue:
             rates[f"{minutes}m"] = {"paths": n, "bytes": b}
         cur = await self.db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM events WHERE event = 'uploaded'")
         total_n, total_b = await cur.fetchone()  # type: ignore[misc]
-        cur = await self.db.execute("SELECT path, created FROM paths WHERE state = 'pending' ORDER BY created LIMIT 1")
+        cur = await self.db.execute(
+            f"SELECT path, created FROM paths WHERE state IN {sql_list((PENDING, UPLOADING))} ORDER BY created LIMIT 1"
+        )
         oldest = await cur.fetchone()
         cur = await self.db.execute(
             "SELECT path, state, last_error, updated FROM paths WHERE last_error IS NOT NULL "
-            "AND state IN ('pending', 'failed') ORDER BY updated DESC LIMIT 5"
+            f"AND state IN {sql_list((PENDING, FAILED, BLOCKED))} ORDER BY updated DESC LIMIT 5"
         )
         errors = [dict(zip(("path", "state", "error", "time"), r, strict=True)) for r in await cur.fetchall()]
         if not self.readonly:

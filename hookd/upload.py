@@ -16,6 +16,8 @@ import lzma
 import os
 import tempfile
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -23,8 +25,9 @@ from typing import BinaryIO, Protocol
 import pyzstd
 
 from . import nar, narinfo, nixbase32, storepath
-from .backends import Backend, Blob
+from .backends import Backend, BackendError, Blob
 from .backends.file import TMP_PREFIX
+from .freshness import Freshness
 from .signing import SecretKey
 from .store import PathInfo
 
@@ -190,6 +193,14 @@ class Uploaded:
     file_size: int
 
 
+class ReferenceGone(Exception):
+    """References this path relies on were deleted (by a GC): they must be uploaded again first."""
+
+    def __init__(self, path: str, gone: list[str]) -> None:
+        super().__init__(f"{len(gone)} references of {path} are gone from the cache ({gone[0]}…); uploading them first")
+        self.gone = gone
+
+
 async def upload_path(
     info: PathInfo,
     backend: Backend,
@@ -197,21 +208,46 @@ async def upload_path(
     compression: str,
     level: int,
     staging_dir: Path,
+    freshness: Freshness,
     nice: int = 0,
+    elsewhere: Iterable[str] = (),
 ) -> Uploaded:
-    """Upload one path whose references are already in the cache. Raises on failure (nothing published).
+    """Upload one path whose references are in the cache, under the upload/GC protocol (safety.py).
 
-    The planner has already found its narinfo missing from the cache (one existence check per path).
+    The NAR goes first; then every object the narinfo will rely on and this daemon did not write or
+    verify recently (the references' narinfos, a NAR that was already there) is touched and, after
+    the settle time, checked; the narinfo goes last. Raises on failure (nothing published) and
+    ReferenceGone when a reference has to be uploaded again first. References in `elsewhere` (left to
+    an upstream cache) are not this cache's to touch.
     """
     ni_key = narinfo.narinfo_key(info.path)
     staging = backend.staging_dir() or staging_dir
     staged = await asyncio.to_thread(stage_nar, info, compression, level, staging, MEMORY_LIMIT, nice)
     try:
         ni = make_narinfo(info, staged, compression, key)
-        if not await backend.put_stream(ni.url, staged.blob, NAR_CONTENT_TYPE):
-            # reusing a NAR that is already there: make it young, or a GC running now could take it
-            await backend.touch(ni.url, NAR_CONTENT_TYPE)
-        await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
+        skip = set(elsewhere)
+        refs = {narinfo.narinfo_key(r): r for r in info.references if r != info.path and r not in skip}
+        relied = {ni.url: NAR_CONTENT_TYPE, **dict.fromkeys(refs, narinfo.CONTENT_TYPE)}
+        for _ in range(3):
+            started = time.monotonic()
+            if await backend.put_stream(ni.url, staged.blob, NAR_CONTENT_TYPE):
+                freshness.wrote(ni.url, started)
+            # else an identical NAR is there already: touched and verified below (unless this daemon
+            # wrote or verified it recently), like a reference
+            missing = await freshness.ensure(relied, relied)
+            if gone := sorted(refs[k] for k in missing if k in refs):
+                raise ReferenceGone(info.path, gone)
+            if not missing and freshness.publishable(relied):
+                break
+        else:
+            raise BackendError(
+                f"{info.path}: what it relies on could not be kept fresh (its NAR vanished, or requests take "
+                f"longer than gc_request_timeout); trying again later"
+            )
+        published = time.monotonic()
+        async with asyncio.timeout(freshness.bounds.request_timeout):
+            await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
+        freshness.wrote(ni_key, published)
     finally:
         staged.discard()
     return Uploaded(info.path, staged.nar_size, staged.blob.size)

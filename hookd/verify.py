@@ -93,6 +93,13 @@ async def verify(
     done = 0
 
     async def check(key: str) -> None:
+        try:
+            await check_one(key)
+        except _Gone:
+            parsed.pop(key, None)
+            report.problems.pop(key, None)
+
+    async def check_one(key: str) -> None:
         nonlocal done
         async with gate:
             data = await backend.get(key)
@@ -108,7 +115,7 @@ async def verify(
                 report.problems[key].append(f"holds {ni.store_path}, which belongs under another key")
             if public_key is not None and not any(public_key.verify(ni.fingerprint(), s) for s in ni.sigs):
                 report.problems[key].append(f"no valid signature by {public_key.name}")
-            nar = objects.get(ni.url)
+            nar = objects.get(ni.url) or await _still(backend, ni.url, key)
             if nar is None:
                 report.problems[key].append(f"its NAR {ni.url} is missing")
             elif ni.file_size is not None and nar.size != ni.file_size:
@@ -122,10 +129,14 @@ async def verify(
     await asyncio.gather(*(check(k) for k in keys))
     progress("verifying", len(keys), len(keys))
     present = {k[:32] for k in keys}
-    for key, ni in parsed.items():
-        for ref in ni.references:
-            if ref[:32] not in present:
-                report.problems[key].append(f"its reference {ref} is missing")
+    for key, ni in list(parsed.items()):
+        try:
+            for ref in ni.references:
+                if ref[:32] not in present and await _still(backend, ref[:32] + ".narinfo", key) is None:
+                    report.problems[key].append(f"its reference {ref} is missing")
+        except _Gone:
+            parsed.pop(key, None)
+            report.problems.pop(key, None)
     report.unknown = [k for k in objects if not known_kind(k)]
 
     # broken: every narinfo with a problem, and every narinfo that refers to a broken one
@@ -154,6 +165,19 @@ async def verify(
                 report.repaired.append(key)
                 left.discard(key)
     return report
+
+
+class _Gone(Exception):
+    """The narinfo being checked was deleted meanwhile: nothing to report about it."""
+
+
+async def _still(backend: Backend, key: str, referrer: str) -> ObjectStat | None:
+    """Whether an object missing from the listing is there after all (the cache is live: uploads and
+    GC run meanwhile, and a listing is not one instant). Raises _Gone if `referrer` itself was deleted."""
+    obj = await backend.stat(key)
+    if obj is None and await backend.stat(referrer) is None:
+        raise _Gone(referrer)
+    return obj
 
 
 async def _deep(backend: Backend, ni: narinfo.NarInfo) -> list[str]:

@@ -51,6 +51,10 @@ def nixenv() -> Iterator[NixEnv]:
 
 HookdFactory = Callable[..., HookdProcess]
 
+FAST_BOUNDS = {"HOOKD_GC_CHECK_TO_DELETE": "0.5", "HOOKD_GC_REQUEST_TIMEOUT": "1", "HOOKD_MAX_CLOCK_SKEW": "2"}
+"""The upload/GC protocol's bounds for tests with grace periods of seconds (hookd/safety.py): GC and
+uploaders of one cache must share them."""
+
 
 @pytest.fixture(scope="session")
 def servers_dir() -> Iterator[Path]:

@@ -23,7 +23,7 @@ from hookd.selftest import CHAIN_NIX, NixEnv, wait_for_narinfos
 from hookd.verify import Inflater
 
 from .cachegen import synthetic, write_tree
-from .conftest import HookdFactory
+from .conftest import FAST_BOUNDS, HookdFactory
 
 NOW = 1_000_000_000.0
 DAY = 86400.0
@@ -241,7 +241,7 @@ async def test_the_lease_is_renewed_released_and_lost_loudly(tmp_path: Path) -> 
 
 
 def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
+    result = CliRunner().invoke(main, list(args), env=FAST_BOUNDS)
     return result.exit_code, result.output
 
 
@@ -420,7 +420,7 @@ def test_gc_and_verify_survive_garbage_in_the_cache(tmp_path: Path) -> None:
     (cache / f"{h(2)}.narinfo").write_bytes(os.urandom(64))
     (cache / "README.txt").write_text("hello")
     url, state = f"file://{cache}", ["--config", "/dev/null"]
-    code, text = invoke("gc", "--cache", url, "--older-than", "1s", "--grace", "0s", "--json", *state)
+    code, text = invoke("gc", "--cache", url, "--older-than", "1m", "--grace", "10s", "--json", *state)
     assert code == 0, text
     out = json.loads(text)
     assert set(out["malformed"]) == {f"{h(1)}.narinfo", f"{h(2)}.narinfo"} and out["unknown"] == ["README.txt"]

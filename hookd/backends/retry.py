@@ -5,10 +5,12 @@ request rate that halves when the backend throttles and recovers slowly (AIMD, l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -16,6 +18,25 @@ from .base import BackendError
 
 log = logging.getLogger("hookd.backend")
 T = TypeVar("T")
+
+_send_deadline: ContextVar[float | None] = ContextVar("send_deadline", default=None)
+
+
+class DeadlinePassed(BackendError):
+    """A request was not sent (nor retried) because its deadline had passed."""
+
+
+@contextlib.contextmanager
+def send_before(deadline: float) -> Iterator[None]:
+    """No request attempt, first or retry, starts after `deadline` (time.monotonic) inside this block.
+
+    GC's deletes use it: a delete must be sent within a bound of the check that found the object old.
+    """
+    token = _send_deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _send_deadline.reset(token)
 
 
 class RetryableError(BackendError):
@@ -91,6 +112,12 @@ class AdaptiveRate:
         log.warning("backend throttled: request rate lowered to %.1f/s", self.rate)
 
 
+def backoff(attempts: int, base: float, cap: float) -> float:
+    """Seconds to wait before attempt `attempts + 1`: exponential with full jitter (AWS's advice),
+    for requests here and for whole uploads in the scheduler."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempts, 32)))
+
+
 @dataclass
 class RetryPolicy:
     attempts: int = 6
@@ -99,14 +126,16 @@ class RetryPolicy:
     on_retry: Callable[[], object] | None = None  # counts retries (metrics)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        jitter = random.uniform(0, min(self.cap, self.base * 2**attempt))
-        return max(jitter, retry_after or 0.0)
+        return max(backoff(attempt, self.base, self.cap), retry_after or 0.0)
 
 
 async def with_retries(what: str, op: Callable[[], Awaitable[T]], policy: RetryPolicy, rate: AdaptiveRate) -> T:
     """Run `op`, repeating it on RetryableError until the policy's attempts are spent."""
+    deadline = _send_deadline.get()
     for attempt in range(policy.attempts):
         await rate.acquire()
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlinePassed(f"{what}: not sent, its deadline passed")
         try:
             result = await op()
         except RetryableError as e:

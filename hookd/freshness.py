@@ -1,0 +1,91 @@
+"""An uploader's side of the upload/GC protocol (hookd/safety.py): touch what it relies on, let any
+delete decided before the touch land, check the objects are still there, and only then publish.
+
+One `Freshness` per daemon: uploads that rely on the same reference share one touch and one wait.
+Times are this host's monotonic clock; the bucket's clock is never compared with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from .backends import Backend
+from .safety import Bounds
+
+log = logging.getLogger("hookd")
+
+
+class Freshness:
+    """When each object this daemon relies on was last written or touched-and-verified by it."""
+
+    def __init__(self, backend: Backend, bounds: Bounds, concurrency: int = 32) -> None:
+        self.backend = backend
+        self.bounds = bounds
+        self.verified: dict[str, float] = {}  # key -> monotonic start of the write or verified touch
+        self._running: dict[str, asyncio.Task[bool]] = {}
+        self._gate = asyncio.Semaphore(concurrency)
+        self.touches = 0  # requests spent on the protocol: touches and existence checks
+        self.checks = 0
+
+    def wrote(self, key: str, started: float) -> None:
+        """This daemon wrote `key`; the write began at `started` (time.monotonic())."""
+        if started > self.verified.get(key, float("-inf")):
+            self.verified[key] = started
+
+    def forget(self) -> None:
+        """The cache was emptied or replaced: nothing written to it before may be relied on."""
+        self.verified.clear()
+
+    def fresh(self, key: str, margin: float = 0.0) -> bool:
+        """Whether `key` may be relied on for at least `margin` more seconds without a touch."""
+        since = self.verified.get(key)
+        return since is not None and time.monotonic() - since < self.bounds.fresh_for - margin
+
+    def stale(self, keys: Iterable[str]) -> list[str]:
+        """The keys that need a touch now: they would not stay fresh through the touches of the others
+        (a touch, `settle`, an existence check) and the publish (a request)."""
+        margin = self.bounds.settle + 3 * self.bounds.request_timeout
+        return [k for k in dict.fromkeys(keys) if not self.fresh(k, margin)]
+
+    def publishable(self, keys: Iterable[str]) -> bool:
+        """Whether a publish sent now lands while every key is still fresh."""
+        return all(self.fresh(k, self.bounds.request_timeout) for k in keys)
+
+    async def ensure(self, keys: Iterable[str], content_types: dict[str, str]) -> set[str]:
+        """Touch, wait out and verify every stale key; the keys found missing (nothing to rely on)."""
+        stale = self.stale(keys)
+        if not stale:
+            return set()
+        tasks = []
+        for key in stale:
+            task = self._running.get(key)
+            if task is None:
+                task = asyncio.create_task(self._touch_and_verify(key, content_types[key]), name=f"touch {key}")
+                self._running[key] = task
+                task.add_done_callback(lambda _t, k=key: self._running.pop(k, None))  # type: ignore[misc]
+            tasks.append(task)
+        results = await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        missing = {k for k, ok in zip(stale, results, strict=True) if not ok}
+        for key in missing:
+            self.verified.pop(key, None)
+        return missing
+
+    async def _touch_and_verify(self, key: str, content_type: str) -> bool:
+        started = time.monotonic()
+        async with self._gate:
+            self.touches += 1
+            if not await self.backend.touch(key, content_type):
+                return False
+        # A GC that checked this object before the touch landed deletes it within check_to_delete plus
+        # one request of that check; after `settle` such a delete has landed, or will never be sent.
+        await asyncio.sleep(self.bounds.settle)
+        async with self._gate:
+            self.checks += 1
+            if await self.backend.stat(key) is None:
+                log.warning("%s was deleted (by a GC) while it was being touched: uploading it again", key)
+                return False
+        self.wrote(key, started)
+        return True

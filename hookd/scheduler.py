@@ -1,0 +1,220 @@
+"""The upload scheduler: starts uploads of ready paths within the limits, and records how each ended.
+
+`classify` turns an attempt's exception into the path's next state (pure, so every failure mode is
+tested without a backend). `Scheduler` runs on the daemon's loop, or in-process in the simulation
+tests against a fake store and bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from . import narinfo
+from .backends import Backend, BackendError, PermanentBackendError
+from .backends.retry import backoff
+from .config import Config
+from .freshness import Freshness
+from .lifecycle import DONE, FAILED, PENDING
+from .metrics import Metrics
+from .queue import Outcome, Queue
+from .signing import SecretKey
+from .store import PathInfo
+from .upload import NarMismatchError, ReferenceGone, Uploaded, upload_path
+
+log = logging.getLogger("hookd")
+
+IDLE_POLL = 1.0
+
+
+def classify(path: str, error: BaseException, attempts: int, retry_base: float, retry_max: float) -> Outcome:
+    """The outcome of a failed attempt (the `attempts`-th): refused for good, or tried again when."""
+    if isinstance(error, ReferenceGone):
+        return Outcome(path, PENDING, str(error), 0.0)  # waits for its references, not for a timer
+    if isinstance(error, NarMismatchError):
+        return Outcome(path, FAILED, str(error))
+    if isinstance(error, FileNotFoundError):
+        msg = f"{path} is gone from the store ({error.filename}); it was garbage-collected before upload"
+        return Outcome(path, FAILED, msg)
+    if isinstance(error, PermanentBackendError):
+        return Outcome(
+            path, FAILED, f"the cache refused it: {error}. Fix the cause, then `hookd queue retry --failed`"
+        )
+    delay = backoff(attempts, retry_base, retry_max)
+    return Outcome(path, PENDING, str(error) or type(error).__name__, time.time() + delay)
+
+
+class ByteBudget:
+    """Bounds the NAR bytes being staged and uploaded at once (paths in flight are bounded apart)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        n = min(max(nbytes, 1), self.total)  # a path larger than the budget goes alone
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.total)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: Config,
+        queue: Queue,
+        backend: Backend,
+        key: SecretKey,
+        metrics: Metrics,
+        freshness: Freshness | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.backend = backend
+        self.key = key
+        self.metrics = metrics
+        self.freshness = freshness or Freshness(backend, cfg.bounds)
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.outcomes: list[Outcome] = []
+        self.bytes = ByteBudget(cfg.max_bytes_in_flight)
+        self.wake = asyncio.Event()
+        self.cache_ready = False
+        self.staging = cfg.state_dir / "staging"
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        failures = 0
+        while not stopping.is_set():
+            try:
+                await self.step()
+                nxt = await self.queue.next_path_time()
+                timeout = IDLE_POLL if nxt is None else max(0.01, min(IDLE_POLL, nxt - time.time()))
+                failures = 0
+                await wait_event(self.wake, timeout)
+            except Exception as e:
+                failures += 1
+                delay = backoff(failures, self.cfg.retry_base, self.cfg.retry_max)
+                log.error("cache %s: %s (retry in %.0fs)", self.backend.url, e, delay)
+                await wait_event(stopping, delay, clear=False)
+
+    async def step(self) -> list[str]:
+        """Record finished attempts and start the uploads there is room for; the paths started."""
+        await self.flush()
+        if not self.cache_ready:
+            await self.ensure_cache_info()
+        free = self.cfg.max_parallel - len(self.inflight)
+        if free <= 0:
+            return []
+        busy = set(self.inflight) | {o.path for o in self.outcomes}  # finished, not yet recorded: busy
+        ready = await self.queue.ready(free, exclude=busy)
+        if ready:
+            await self.queue.start([i.path for i in ready])
+        for info in ready:
+            self.inflight[info.path] = asyncio.create_task(self._upload(info), name=info.path)
+        return [i.path for i in ready]
+
+    async def ensure_cache_info(self) -> None:
+        if not await self.backend.exists("nix-cache-info"):
+            text = narinfo.cache_info(self.cfg.store_dir, self.cfg.priority)
+            await self.backend.put("nix-cache-info", text.encode(), "text/x-nix-cache-info")
+            log.info("wrote nix-cache-info to %s", self.backend.url)
+        await self.backend.cleanup()
+        self.cache_ready = True
+
+    async def flush(self) -> None:
+        if self.outcomes:
+            batch, self.outcomes = self.outcomes, []
+            try:
+                await self.queue.record(batch)
+            except BaseException:
+                self.outcomes[:0] = batch
+                raise
+
+    async def drain(self, timeout: float) -> None:
+        """Let uploads in flight finish for up to `timeout` seconds; the rest stay queued."""
+        tasks = list(self.inflight.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                log.warning("stopping: %d uploads did not finish in time; they stay queued", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self.flush()
+
+    async def upload(self, info: PathInfo) -> Uploaded:
+        elsewhere = await self.queue.upstream_references(info.path)
+        async with self.bytes.hold(info.nar_size):
+            return await upload_path(
+                info,
+                self.backend,
+                self.key,
+                self.cfg.compression,
+                self.cfg.level,
+                self.staging,
+                self.freshness,
+                self.cfg.worker_nice,
+                elsewhere,
+            )
+
+    async def _upload(self, info: PathInfo) -> None:
+        start = time.monotonic()
+        try:
+            res = await self.upload(info)
+        except asyncio.CancelledError:
+            self.outcomes.append(Outcome(info.path, PENDING, "interrupted (shutdown)", 0.0))
+            raise
+        except Exception as e:
+            attempts = await self.queue.attempts(info.path) + 1
+            outcome = classify(info.path, e, attempts, self.cfg.retry_base, self.cfg.retry_max)
+            if isinstance(e, ReferenceGone) and await self.queue.forget(e.gone) < len(e.gone):
+                # not all of them could be queued again (not ours to upload?): back off, do not spin
+                outcome = classify(info.path, RuntimeError(str(e)), attempts, self.cfg.retry_base, self.cfg.retry_max)
+            self._report(info, e, outcome, attempts)
+            self.outcomes.append(outcome)
+        else:
+            elapsed = time.monotonic() - start
+            log.info("uploaded %s: NAR %d bytes, compressed %d, %.2fs", info.path, res.nar_size, res.file_size, elapsed)
+            self.outcomes.append(Outcome(info.path, DONE, None, 0.0, res.nar_size, res.file_size))
+            self.metrics.uploads.inc()
+            self.metrics.nar_bytes.inc(res.nar_size)
+            self.metrics.compressed_bytes.inc(res.file_size)
+            self.metrics.upload_seconds.observe(elapsed)
+        finally:
+            self.inflight.pop(info.path, None)
+            self.wake.set()
+
+    def _report(self, info: PathInfo, error: Exception, outcome: Outcome, attempts: int) -> None:
+        if outcome.state == FAILED:
+            self.metrics.failures.labels("refused").inc()
+            log.error("refused %s: %s", info.path, outcome.error)
+        elif isinstance(error, ReferenceGone):
+            log.warning("%s", error)
+        else:
+            self.metrics.failures.labels("transient").inc()
+            level = logging.WARNING if isinstance(error, BackendError | OSError | TimeoutError) else logging.ERROR
+            log.log(
+                level,
+                "upload of %s failed (attempt %d): %s; retry in %.0fs",
+                info.path, attempts, outcome.error, max(0.0, outcome.next_try - time.time()),
+                exc_info=level == logging.ERROR,
+            )  # fmt: skip
+
+
+async def wait_event(event: asyncio.Event, timeout: float, clear: bool = True) -> None:
+    """Wait for a wake-up or the timeout; consume the wake-up (a later set() is kept for next time)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    if clear:
+        event.clear()
+

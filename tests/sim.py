@@ -1,0 +1,269 @@
+"""A deterministic simulation of several uploaders and a GC sharing one bucket, in virtual time.
+
+The real protocol code runs unchanged (`upload.upload_path` with its `Freshness`, `gc.snapshot`,
+`gc.plan`, `sweep.sweep`) on an event loop whose clock jumps to the next timer whenever nothing is
+ready, against `SimBucket`, an in-memory bucket whose requests take a seeded random time and take
+effect somewhere inside it, and which checks the cache's invariant after every change. Store paths
+are real files with real NAR hashes; only Nix itself is replaced by the graph that made them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hookd import gc, nar, narinfo, nixbase32
+from hookd.backends import Backend, BackendError, Blob, ObjectStat
+from hookd.freshness import Freshness
+from hookd.safety import Bounds
+from hookd.signing import SecretKey
+from hookd.store import PathInfo
+from hookd.sweep import sweep
+from hookd.upload import ReferenceGone, upload_path
+
+T = TypeVar("T")
+EPOCH = 1_700_000_000.0
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock stands still while callbacks run and jumps to the next timer when
+    none is ready: hours of protocol time in a fraction of a second, the same schedule every run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def _run_once(self) -> None:  # type: ignore[override]
+        ready, scheduled = self._ready, self._scheduled  # type: ignore[attr-defined]
+        if not ready and scheduled:
+            head = scheduled[0]
+            if not head.cancelled() and head.when() > self.now:
+                self.now = head.when()
+        super()._run_once()  # type: ignore[misc]
+
+
+def run_virtual(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on a VirtualLoop, with time.time/time.monotonic following its clock."""
+    loop = VirtualLoop()
+    real_time, real_monotonic = time.time, time.monotonic
+    time.time = lambda: EPOCH + loop.now  # type: ignore[assignment]
+    time.monotonic = lambda: loop.now  # type: ignore[assignment]
+    real_to_thread = asyncio.to_thread
+
+    async def inline(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)  # no threads: their timing would not be simulated
+
+    asyncio.to_thread = inline  # type: ignore[assignment]
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        time.time, time.monotonic = real_time, real_monotonic  # type: ignore[assignment]
+        asyncio.to_thread = real_to_thread
+        loop.close()
+
+
+class InvariantBroken(AssertionError):
+    pass
+
+
+@dataclass
+class SimBucket(Backend):
+    """One bucket: objects with last-modified times; every request takes a random time, applies at a
+    random point within it (never later than `apply_within`), and may fail before or after applying."""
+
+    rng: random.Random
+    apply_within: float = 0.5
+    answer_within: float = 0.5
+    fault_rate: float = 0.0
+    objects: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    requests: int = 0
+    url: str = "sim://bucket"
+
+    async def _request(self, what: str, apply: Callable[[], T]) -> T:
+        self.requests += 1
+        await asyncio.sleep(self.rng.uniform(0, self.apply_within))
+        if self.rng.random() < self.fault_rate / 2:
+            raise BackendError(f"{what}: injected fault before the request applied")
+        result = apply()
+        await asyncio.sleep(self.rng.uniform(0, self.answer_within))
+        if self.rng.random() < self.fault_rate / 2:
+            raise BackendError(f"{what}: injected fault after the request applied")
+        return result
+
+    def _changed(self, what: str) -> None:
+        self.log.append(f"{time.monotonic():9.3f} {what}")
+        for key, (data, _) in self.objects.items():
+            if not key.endswith(".narinfo"):
+                continue
+            ni = narinfo.parse(data)
+            missing = [ni.url] if ni.url not in self.objects else []
+            missing += [r for r in ni.references if r != ni.store_path.rsplit("/", 1)[-1]
+                        and narinfo.narinfo_key(r) not in self.objects]  # fmt: skip
+            if missing:
+                self.violations.append(f"after {what}: {key} is visible without {missing}")
+                raise InvariantBroken(self.violations[-1])
+
+    def _put(self, key: str, data: bytes) -> None:
+        self.objects[key] = (data, time.time())
+        self._changed(f"put {key}")
+
+    async def exists(self, key: str) -> bool:
+        return await self._request(f"HEAD {key}", lambda: key in self.objects)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._request(f"GET {key}", lambda: self.objects.get(key, (None, 0.0))[0])
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await self._request(f"PUT {key}", lambda: self._put(key, data))
+
+    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
+        with blob.open() as f:
+            data = f.read()
+
+        def apply() -> bool:
+            if key in self.objects:
+                return False
+            self._put(key, data)
+            return True
+
+        return await self._request(f"PUT {key}", apply)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:  # type: ignore[override]
+        keys = sorted(k for k in self.objects if k.startswith(prefix))
+        for i in range(0, len(keys), 5):  # pages: the listing is not one instant
+            page = await self._request(
+                "LIST", lambda p=keys[i : i + 5]: [(k, self.objects.get(k)) for k in p]  # type: ignore[misc]
+            )
+            for k, obj in page:
+                if obj is not None:
+                    yield ObjectStat(k, len(obj[0]), obj[1], None)
+
+    async def delete(self, key: str) -> None:
+        def apply() -> None:
+            if self.objects.pop(key, None) is not None:
+                self._changed(f"delete {key}")
+
+        await self._request(f"DELETE {key}", apply)
+
+    async def stat(self, key: str) -> ObjectStat | None:
+        def apply() -> ObjectStat | None:
+            obj = self.objects.get(key)
+            return ObjectStat(key, len(obj[0]), obj[1], None) if obj else None
+
+        return await self._request(f"HEAD {key}", apply)
+
+    async def touch(self, key: str, content_type: str) -> bool:
+        def apply() -> bool:
+            if key not in self.objects:
+                return False
+            self._put(key, self.objects[key][0])
+            return True
+
+        return await self._request(f"COPY {key}", apply)
+
+
+def make_store(root: Path, rng: random.Random, count: int) -> dict[str, PathInfo]:
+    """`count` store paths (real files) in a random reference graph (each path refers to earlier ones)."""
+    store = root / "store"
+    store.mkdir(parents=True)
+    infos: dict[str, PathInfo] = {}
+    paths: list[str] = []
+    for i in range(count):
+        digest = hashlib.sha256(f"{root}-{i}".encode()).digest()[:20]
+        path = str(store / f"{nixbase32.encode(digest)}-p{i}")
+        Path(path).write_text(f"path {i}\n" * (1 + i % 7))
+        refs = tuple(sorted(rng.sample(paths, min(len(paths), rng.randint(0, 3)))))
+        h = hashlib.sha256()
+        size = 0
+        for chunk in nar.dump(path):
+            h.update(chunk)
+            size += len(chunk)
+        infos[path] = PathInfo(path, h.digest(), size, refs)
+        paths.append(path)
+    return infos
+
+
+def closure(infos: dict[str, PathInfo], roots: list[str]) -> list[str]:
+    """The closure of `roots`, references before referrers."""
+    out: dict[str, None] = {}
+
+    def visit(p: str) -> None:
+        if p in out:
+            return
+        for r in infos[p].references:
+            visit(r)
+        out[p] = None
+
+    for r in roots:
+        visit(r)
+    return list(out)
+
+
+@dataclass
+class Uploader:
+    """What a hookd daemon does with one bucket, reduced to its protocol: skip what it recorded or
+    finds in the cache, upload the rest references first with the real `upload_path`."""
+
+    name: str
+    bucket: SimBucket
+    infos: dict[str, PathInfo]
+    bounds: Bounds
+    staging: Path
+    key: SecretKey = field(default_factory=lambda: SecretKey.generate("sim-1"))
+    done: set[str] = field(default_factory=set)
+    uploads: int = 0
+
+    def __post_init__(self) -> None:
+        self.freshness = Freshness(self.bucket, self.bounds)
+
+    async def push(self, root: str) -> None:
+        """Until the closure of `root` is published: every accepted path ends up in the cache."""
+        while True:
+            try:
+                for p in closure(self.infos, [root]):
+                    if p in self.done:
+                        continue
+                    if await self.bucket.stat(narinfo.narinfo_key(p)) is not None:
+                        self.done.add(p)  # found, not written: it will be touched before it is relied on
+                        continue
+                    await upload_path(self.infos[p], self.bucket, self.key, "none", 0, self.staging, self.freshness)
+                    self.uploads += 1
+                    self.done.add(p)
+                return
+            except ReferenceGone as e:
+                self.done.difference_update(e.gone)
+            except (BackendError, TimeoutError):
+                await asyncio.sleep(0.5)
+
+
+async def gc_loop(
+    bucket: SimBucket, bounds: Bounds, older_than: float, stop: asyncio.Event, rng: random.Random,
+    sweeper: Callable[..., Awaitable[Any]] | None = None,
+) -> int:  # fmt: skip
+    """GC again and again until `stop`; the number of runs that completed."""
+    async def new_sweep(b: Backend, snap: gc.Snapshot, plan: gc.GcPlan, bounds: Bounds) -> Any:
+        return await sweep(b, snap, plan.candidates, bounds)
+
+    sweeper = sweeper or new_sweep
+    runs = 0
+    while not stop.is_set():
+        try:
+            snap = await gc.snapshot(bucket, gc.NarinfoIndex(None))
+            plan = gc.plan(snap, now=time.time(), older_than=older_than, grace=bounds.grace)
+            await sweeper(bucket, snap, plan, bounds)
+            runs += 1
+        except (BackendError, gc.GcError):
+            pass
+        await asyncio.sleep(rng.uniform(0, 2))
+    return runs
