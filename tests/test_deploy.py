@@ -40,7 +40,10 @@ def units(tmp_path: Path) -> Path:
 
 
 def test_systemd_analyze_verify_accepts_every_unit(units: Path) -> None:
+    """On every systemd (252, 257, 262): verify also runs `man` for each Documentation=man:… line, so man-db
+    and nix-bin's nix.conf(5) must be there (.ci/setup installs both)."""
     assert {u.name for u in UNITS} == {"hookd.service", "hookd.socket", "hookd-gc.service", "hookd-gc.timer"}
+    need("man")
     proc = subprocess.run([need("systemd-analyze"), "verify", *sorted(str(p) for p in units.iterdir())],
                           capture_output=True, text=True, cwd=units)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -52,9 +55,9 @@ def test_service_exposure_is_at_most_2(units: Path) -> None:
                           capture_output=True, text=True)  # fmt: skip
     m = re.search(r"Overall exposure level for hookd\.service: (\d+\.\d+)", proc.stdout + proc.stderr)
     assert m, proc.stdout + proc.stderr
-    assert float(m.group(1)) <= 2.0
-    readme = (ROOT / "README.md").read_text()
-    assert f"exposure level {m.group(1)}" in readme  # the README records the current figure
+    # The bound, not a figure: systemd's scoring changes between versions (1.4 on 252, 1.2 on 257 and 262;
+    # the README records each and promises at most 2.0).
+    assert float(m.group(1)) <= 2.0, proc.stdout
 
 
 def test_every_nix_file_parses() -> None:
