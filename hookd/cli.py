@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .config import Config, ConfigError, load
+from .lifecycle import STATES
 
 log = logging.getLogger("hookd")
 
@@ -544,7 +545,7 @@ def status(config_file: Path | None, as_json: bool) -> None:
 
 
 @main.group(invoke_without_command=True)
-@click.option("--state", type=click.Choice(["pending", "uploading", "failed", "done", "upstream", "dropped"]))
+@click.option("--state", type=click.Choice(list(STATES)))
 @click.option("--json", "as_json", is_flag=True)
 @config_option
 @click.pass_context

@@ -197,7 +197,8 @@ class Scheduler:
     def _report(self, info: PathInfo, error: Exception, outcome: Outcome, attempts: int) -> None:
         if outcome.state == FAILED:
             self.metrics.failures.labels("refused").inc()
-            log.error("refused %s: %s", info.path, outcome.error)
+            error = outcome.error or ""
+            log.error("refused %s", error if error.startswith(info.path) else f"{info.path}: {error}")
         elif isinstance(error, ReferenceGone):
             log.warning("%s", error)
         else:

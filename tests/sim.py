@@ -141,9 +141,9 @@ class SimBucket(Backend):
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:  # type: ignore[override]
         keys = sorted(k for k in self.objects if k.startswith(prefix))
-        for i in range(0, len(keys), 5):  # pages: the listing is not one instant
+        for i in range(0, len(keys), 20):  # pages: the listing is not one instant
             page = await self._request(
-                "LIST", lambda p=keys[i : i + 5]: [(k, self.objects.get(k)) for k in p]  # type: ignore[misc]
+                "LIST", lambda p=keys[i : i + 20]: [(k, self.objects.get(k)) for k in p]  # type: ignore[misc]
             )
             for k, obj in page:
                 if obj is not None:

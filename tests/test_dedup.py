@@ -45,7 +45,7 @@ def wait_idle(hookd: HookdProcess, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         [(new,)] = db.execute("SELECT COUNT(*) FROM requests WHERE state = 'new'").fetchall()
-        [(pending,)] = db.execute("SELECT COUNT(*) FROM paths WHERE state = 'pending'").fetchall()
+        [(pending,)] = db.execute("SELECT COUNT(*) FROM paths WHERE state IN ('pending', 'uploading')").fetchall()
         [(total,)] = db.execute("SELECT COUNT(*) FROM requests").fetchall()
         if total and not new and not pending:
             db.close()
@@ -55,11 +55,11 @@ def wait_idle(hookd: HookdProcess, timeout: float = 60) -> None:
 
 
 class S3Cache:
-    def __init__(self, moto: Moto, tmp: Path) -> None:
+    def __init__(self, moto: Moto, tmp: Path, delay_ms: float = 0.0) -> None:
         self.moto = moto
         self.bucket = f"hookd-{uuid.uuid4().hex[:12]}"
         moto.make_bucket(self.bucket)
-        self.proxy = FaultProxy(tmp, moto.url)
+        self.proxy = FaultProxy(tmp, moto.url, delay_ms=delay_ms)
         self.url = f"s3://{self.bucket}?endpoint={self.proxy.url}&region=us-east-1&addressing=path"
         self.read_url = f"{moto.url}/{self.bucket}"
         self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
@@ -129,6 +129,46 @@ def test_an_emptied_bucket_is_refilled(
     assert {"nix-cache-info", IDENTITY_KEY} <= cache.objects()
     assert "new identity" in hookd.log()
     nixenv.substitute_fresh(outs, cache.read_url, hookd.public_key, tmp_path / "fresh")
+    cache.proxy.stop()
+
+
+BURST_NIX = r"""
+{ salt }:
+let
+  mk = name: deps: derivation {
+    inherit name salt deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo ${name}-$salt $deps > $out" ];
+  };
+  base = mk "burst-base" [];
+  shared = mk "burst-shared" [ base ];
+in builtins.genList (i: mk "burst-leaf-${toString i}" [ shared base ]) 12
+"""
+
+
+def test_a_burst_sharing_references_uploads_each_path_once(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+) -> None:
+    """Twelve builds in a burst, all referring to the same two paths, each with its own hook request:
+    a plan that found a shared path missing while its upload ran must not queue it again (issue 12,
+    defect 2). Every request is slowed by a proxy, which widens exactly that window."""
+    cache = S3Cache(moto, tmp_path, delay_ms=150)
+    hookd = start(hookd_factory, cache, HOOKD_MAX_PARALLEL="4")
+    expr = nixenv.write_expr("burst.nix", BURST_NIX)
+    leaves = nixenv.build(expr, [], user=build_user, args={"salt": str(time.time_ns())})
+    closure = nixenv.closure(leaves)
+    assert len(leaves) == 12 and len(closure) == 14
+    cache.wait_for(closure, hookd)
+    wait_idle(hookd)
+    uploads = [line.split()[4].rstrip(":") for line in hookd.log().splitlines() if " hookd: uploaded /" in line]
+    assert sorted(uploads) == sorted(closure), "each path uploaded exactly once"
+    puts: dict[str, int] = {}
+    for r in cache.writes():
+        if r["method"] == "PUT" and str(r["path"]).endswith(".narinfo"):
+            puts[str(r["path"])] = puts.get(str(r["path"]), 0) + 1
+    assert len(puts) == len(closure) and set(puts.values()) == {1}, puts
+    assert "queued request" in hookd.log() and hookd.log().count("queued request") >= 12
     cache.proxy.stop()
 
 

@@ -472,8 +472,10 @@ def test_uploads_while_gc_runs_again_and_again(
     moto: object,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Two uploader daemons and one bucket; GC every second with a short grace. Afterwards the cache is
-    whole, and the pinned and the newest closures substitute with signatures required."""
+    """Two uploader daemons (own state directories) build and upload continuously into one bucket while
+    `hookd gc` with a short grace runs again and again, every GC request delayed 200 ms by a proxy (a
+    remote bucket); `hookd verify` passes after every GC run, and at the end the pinned and the newest
+    closures substitute with signatures required (issue 12)."""
     import subprocess
     import sys
     import threading
@@ -481,35 +483,30 @@ def test_uploads_while_gc_runs_again_and_again(
 
     from hookd.selftest import HookdProcess
 
-    from .servers import ACCESS_KEY, SECRET_KEY, Moto
+    from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto
     from .test_dedup import enqueue, wait_idle
 
     assert isinstance(moto, Moto)
     bucket = f"hookd-{uuid.uuid4().hex[:12]}"
     moto.make_bucket(bucket)
     url = f"s3://{bucket}?endpoint={moto.url}&region=us-east-1&addressing=path"
+    proxy = FaultProxy(tmp_path, moto.url, 0.0, delay_ms=200, s3=True)
+    gc_url = f"s3://{bucket}?endpoint={proxy.url}&region=us-east-1&addressing=path"
     env = {
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "HOOKD_GC_GRACE": "3",
+        "HOOKD_GC_GRACE": "10",
         "HOOKD_REFRESH_INTERVAL": "1",
         "HOOKD_RECHECK_INTERVAL": "1",
+        **FAST_BOUNDS,
     }
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(k, env[k])
     a = hookd_factory(args=("--cache", url), env=env)
     b_key = tmp_path / "b.sec"
-    assert (
-        invoke(
-            "keygen",
-            "uploader-b-1",
-            "--secret-key-file",
-            str(b_key),
-            "--public-key-file",
-            str(tmp_path / "b.pub"),
-        )[0]
-        == 0
-    )
+    code, text = invoke("keygen", "uploader-b-1", "--secret-key-file", str(b_key), "--public-key-file",
+                        str(tmp_path / "b.pub"))  # fmt: skip
+    assert code == 0, text
     b = HookdProcess(nixenv, tmp_path / "state-b", url, ("--cache", url, "--secret-key-file", str(b_key)), env)
     b.start()
     gc_env = dict(os.environ, **env)
@@ -517,40 +514,32 @@ def test_uploads_while_gc_runs_again_and_again(
     runs: list[int] = []
     deleted: list[int] = []
     outputs: list[str] = []
+    checks: list[int] = []
 
     def gc_loop() -> None:
         while not stop.is_set():
             proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "hookd.cli",
-                    "gc",
-                    "--cache",
-                    url,
-                    "--older-than",
-                    "5s",
-                    "--grace",
-                    "3s",
-                    "--config",
-                    "/dev/null",
-                ],
-                env=gc_env,
-                capture_output=True,
-                text=True,
-            )
+                [sys.executable, "-m", "hookd.cli", "gc", "--cache", gc_url, "--older-than", "12s", "--grace", "10s",
+                 "--config", "/dev/null"],
+                env=gc_env, capture_output=True, text=True,
+            )  # fmt: skip
             runs.append(proc.returncode)
             deleted.extend(int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("deleted "))
             if proc.returncode != 0:
                 outputs.append(proc.stdout + proc.stderr)
-            time.sleep(0.5)
+            check = subprocess.run([sys.executable, "-m", "hookd.cli", "verify", "--cache", url, "--config", "/dev/null"],
+                                   env=gc_env, capture_output=True, text=True)  # fmt: skip
+            checks.append(check.returncode)
+            if check.returncode != 0:
+                outputs.append("verify: " + check.stdout + check.stderr)
+            time.sleep(0.3)
 
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     thread = threading.Thread(target=gc_loop, daemon=True)
     thread.start()
     tops: list[str] = []
     try:
-        deadline = time.monotonic() + 25
+        deadline = time.monotonic() + 40
         i = 0
         while time.monotonic() < deadline:
             top, dev = nixenv.build(expr, ["top", "multi.dev"], user=build_user, args={"salt": f"gc-{time.time_ns()}"})
@@ -570,9 +559,12 @@ def test_uploads_while_gc_runs_again_and_again(
         thread.join()
     assert len(runs) >= 5 and not outputs, outputs[:2]
     assert sum(deleted) > 20, f"the GC runs deleted too little to have raced with anything: {deleted}"
+    assert len(checks) == len(runs) and set(checks) == {0}
+    assert any(r.get("method") == "DELETE" for r in proxy.records()), "GC's requests did not go through the proxy"
     for d in (a, b):
         wait_idle(d, timeout=120)
     b.stop()
+    proxy.stop()
     code, text = invoke("verify", "--cache", url, "--config", "/dev/null")
     assert code == 0, text
     keys = f"{a.public_key} {(tmp_path / 'b.pub').read_text().strip()}"

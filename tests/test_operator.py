@@ -313,6 +313,67 @@ def test_push_a_drv_uploads_its_outputs(nixenv: NixEnv, hookd_factory: HookdFact
     assert proc.returncode != 0
 
 
+def test_push_wait_follows_its_own_request(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+) -> None:
+    """`push --wait` waits for this request's plan, not for old states (issue 12, defects 3 and 4): after
+    the cache was emptied behind hookd's back it returns only once the closure is there again; when a
+    reference fails it ends non-zero, naming that reference, instead of waiting forever."""
+    hookd = hookd_factory(env={"HOOKD_RETRY_BASE": "0.1"})
+    cache = Path(hookd.cache_url.removeprefix("file://"))
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    [top] = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
+    closure = nixenv.closure([top])
+    wait_for_narinfos(cache, closure)
+    wait_idle(hookd)
+    env = dict(os.environ, HOOKD_STATE_DIR=str(hookd.state_dir), HOOKD_CACHE=hookd.cache_url,
+               HOOKD_CONFIG="/dev/null", HOOKD_STORE_DIR=nixenv.store_dir, **nixenv.env)  # fmt: skip
+    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+    for child in cache.iterdir():  # emptied behind hookd's back
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for tty in (False, True):
+        if tty:
+            for child in cache.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            master, slave = pty.openpty()
+            proc = subprocess.Popen([hookd_bin, "push", "--wait", top], stdout=slave, stderr=slave, env=env)
+            os.close(slave)
+            out = b""
+            while chunk := _read(master):
+                out += chunk
+            os.close(master)
+            code, text = proc.wait(60), out.decode(errors="replace")
+        else:
+            done = subprocess.run([hookd_bin, "push", "--wait", top], env=env, capture_output=True, text=True,
+                                  timeout=60)  # fmt: skip
+            code, text = done.returncode, done.stdout + done.stderr
+        assert code == 0, text
+        missing = [p for p in closure if not (cache / f"{p.rsplit('/', 1)[-1][:32]}.narinfo").exists()]
+        assert not missing, f"push --wait returned before {missing} was uploaded again:\n{text}"
+    # a reference that cannot be uploaded: the request ends, naming it
+    [top2] = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
+    wait_idle(hookd)
+    deps = [p for p in nixenv.closure([top2]) if p != top2]
+    victim = next(p for p in deps if p.endswith("-chain-a"))
+    for child in cache.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    tamper(victim)
+    done = subprocess.run([hookd_bin, "push", "--wait", top2], env=env, capture_output=True, text=True, timeout=60)
+    text = done.stdout + done.stderr
+    assert done.returncode == 1, text
+    assert f"FAILED {victim}" in text and f"BLOCKED {top2}" in text and f"blocked by {victim}" in text, text
+    assert "root cause" in text and "do not match" in text, text
+    code, listing = cli(hookd, "queue", "--state", "blocked")
+    assert top2 in listing, listing
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""
+
+
 def test_systemd_notifications(nixenv: NixEnv, hookd_factory: HookdFactory, tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
