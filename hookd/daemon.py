@@ -77,6 +77,7 @@ class Daemon:
         try:
             if recovered := await queue.recover():
                 log.info("%d uploads were interrupted by the last stop: queued again", recovered)
+            await scheduler.restore()
             await intake.start()
             await intake.drain_spool()
             counts = await queue.counts()

@@ -35,6 +35,12 @@ class Freshness:
         if started > self.verified.get(key, float("-inf")):
             self.verified[key] = started
 
+    def restore(self, written: dict[str, float]) -> None:
+        """Objects this daemon wrote before a restart, by key, with the wall-clock time each write began."""
+        offset = time.monotonic() - time.time()
+        for key, when in written.items():
+            self.wrote(key, when + offset)
+
     def forget(self) -> None:
         """The cache was emptied or replaced: nothing written to it before may be relied on."""
         self.verified.clear()

@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS uploaded (  -- what the cache (of the identity in meta.cache_id) holds
     path TEXT PRIMARY KEY,
     checked REAL NOT NULL,           -- when we last knew its narinfo was there (uploaded or seen)
-    refreshed REAL NOT NULL          -- when its narinfo's age was last reset
+    refreshed REAL NOT NULL,         -- when its narinfo's age was last reset
+    written REAL NOT NULL DEFAULT 0  -- when this daemon began writing its narinfo (the protocol relies on it)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS upstream (  -- answers of upstream caches, kept for their TTLs
     path TEXT PRIMARY KEY,
@@ -131,6 +132,7 @@ class Outcome:
     next_try: float = 0.0
     nar_size: int | None = None
     file_size: int | None = None
+    written: float | None = None  # done: when the narinfo's PUT began (wall clock)
 
 
 def _serialized(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -208,6 +210,9 @@ class Queue:
         await db.execute("PRAGMA busy_timeout=10000")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.executescript(SCHEMA)
+        columns = {r[1] for r in await db.execute_fetchall("PRAGMA table_info(uploaded)")}
+        if "written" not in columns:  # a queue made by hookd 0.1
+            await db.execute("ALTER TABLE uploaded ADD COLUMN written REAL NOT NULL DEFAULT 0")
         return cls(db, store_dir)
 
     async def close(self) -> None:
@@ -383,6 +388,13 @@ class Queue:
         return max(0, cur.rowcount)
 
     @_serialized
+    async def written_since(self, since: float) -> dict[str, float]:
+        """Paths whose narinfo this daemon wrote after `since` (wall clock), and when: what it may rely
+        on after a restart without touching it again (hookd/safety.py)."""
+        rows = await self.db.execute_fetchall("SELECT path, written FROM uploaded WHERE written > ?", (since,))
+        return {r[0]: r[1] for r in rows}
+
+    @_serialized
     async def upstream_references(self, path: str) -> set[str]:
         """The references of `path` left to an upstream cache (not in ours: nothing to touch there)."""
         rows = await self.db.execute_fetchall(
@@ -475,9 +487,10 @@ class Queue:
                 [(now, o.path, EVENT_OF.get(o.state, "retry"), o.file_size, o.error) for o in outcomes],
             )
             await db.executemany(
-                "INSERT INTO uploaded (path, checked, refreshed) VALUES (?, ?, ?2) "
-                "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked, refreshed = excluded.refreshed",
-                [(o.path, now) for o in outcomes if o.state == DONE],
+                "INSERT INTO uploaded (path, checked, refreshed, written) VALUES (?, ?, ?2, ?) "
+                "ON CONFLICT(path) DO UPDATE SET checked = excluded.checked, refreshed = excluded.refreshed, "
+                "written = excluded.written",
+                [(o.path, now, o.written or 0.0) for o in outcomes if o.state == DONE],
             )
             await self._block_referrers([o.path for o in outcomes if o.state in BLOCKING], now)
 

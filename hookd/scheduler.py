@@ -92,6 +92,11 @@ class Scheduler:
         self.cache_ready = False
         self.staging = cfg.state_dir / "staging"
 
+    async def restore(self) -> None:
+        """Rely again on what this daemon wrote within the protocol's window before it was restarted."""
+        written = await self.queue.written_since(time.time() - self.freshness.bounds.fresh_for)
+        self.freshness.restore({narinfo.narinfo_key(p): t for p, t in written.items()})
+
     async def run(self, stopping: asyncio.Event) -> None:
         failures = 0
         while not stopping.is_set():
@@ -185,7 +190,7 @@ class Scheduler:
         else:
             elapsed = time.monotonic() - start
             log.info("uploaded %s: NAR %d bytes, compressed %d, %.2fs", info.path, res.nar_size, res.file_size, elapsed)
-            self.outcomes.append(Outcome(info.path, DONE, None, 0.0, res.nar_size, res.file_size))
+            self.outcomes.append(Outcome(info.path, DONE, None, 0.0, res.nar_size, res.file_size, res.written))
             self.metrics.uploads.inc()
             self.metrics.nar_bytes.inc(res.nar_size)
             self.metrics.compressed_bytes.inc(res.file_size)
@@ -197,8 +202,8 @@ class Scheduler:
     def _report(self, info: PathInfo, error: Exception, outcome: Outcome, attempts: int) -> None:
         if outcome.state == FAILED:
             self.metrics.failures.labels("refused").inc()
-            error = outcome.error or ""
-            log.error("refused %s", error if error.startswith(info.path) else f"{info.path}: {error}")
+            why = outcome.error or ""
+            log.error("refused %s", why if why.startswith(info.path) else f"{info.path}: {why}")
         elif isinstance(error, ReferenceGone):
             log.warning("%s", error)
         else:

@@ -191,6 +191,7 @@ class Uploaded:
     path: str
     nar_size: int
     file_size: int
+    written: float  # when the narinfo's PUT began (wall clock)
 
 
 class ReferenceGone(Exception):
@@ -244,10 +245,10 @@ async def upload_path(
                 f"{info.path}: what it relies on could not be kept fresh (its NAR vanished, or requests take "
                 f"longer than gc_request_timeout); trying again later"
             )
-        published = time.monotonic()
+        published, written = time.monotonic(), time.time()
         async with asyncio.timeout(freshness.bounds.request_timeout):
             await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
         freshness.wrote(ni_key, published)
     finally:
         staged.discard()
-    return Uploaded(info.path, staged.nar_size, staged.blob.size)
+    return Uploaded(info.path, staged.nar_size, staged.blob.size, written)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -44,10 +45,10 @@ class VirtualLoop(asyncio.SelectorEventLoop):
 
     def _run_once(self) -> None:  # type: ignore[override]
         ready, scheduled = self._ready, self._scheduled  # type: ignore[attr-defined]
-        if not ready and scheduled:
-            head = scheduled[0]
-            if not head.cancelled() and head.when() > self.now:
-                self.now = head.when()
+        while scheduled and scheduled[0].cancelled():  # as the base loop would, before it picks a timeout
+            heapq.heappop(scheduled)._scheduled = False
+        if not ready and scheduled and scheduled[0].when() > self.now:
+            self.now = scheduled[0].when()
         super()._run_once()  # type: ignore[misc]
 
 
@@ -86,6 +87,8 @@ class SimBucket(Backend):
     fault_rate: float = 0.0
     objects: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    needs: dict[str, set[str]] = field(default_factory=dict)  # narinfo key -> what it needs
+    needed_by: dict[str, set[str]] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     requests: int = 0
     url: str = "sim://bucket"
@@ -101,22 +104,34 @@ class SimBucket(Backend):
             raise BackendError(f"{what}: injected fault after the request applied")
         return result
 
-    def _changed(self, what: str) -> None:
+    def _changed(self, what: str, key: str, deleted: bool) -> None:
+        """Check the invariant where `key` changed: a new narinfo needs its NAR and references; a
+        deleted object must not be needed by any narinfo still there."""
         self.log.append(f"{time.monotonic():9.3f} {what}")
-        for key, (data, _) in self.objects.items():
-            if not key.endswith(".narinfo"):
-                continue
-            ni = narinfo.parse(data)
-            missing = [ni.url] if ni.url not in self.objects else []
-            missing += [r for r in ni.references if r != ni.store_path.rsplit("/", 1)[-1]
-                        and narinfo.narinfo_key(r) not in self.objects]  # fmt: skip
-            if missing:
-                self.violations.append(f"after {what}: {key} is visible without {missing}")
-                raise InvariantBroken(self.violations[-1])
+        if deleted:
+            if key.endswith(".narinfo"):
+                for needed in self.needs.pop(key, ()):
+                    self.needed_by.get(needed, set()).discard(key)
+            holders = sorted(self.needed_by.get(key, ()))
+            if holders:
+                self._broken(f"after {what}: {holders[0]} is visible without {key}")
+            return
+        if key.endswith(".narinfo"):
+            ni = narinfo.parse(self.objects[key][0])
+            needs = {ni.url} | {narinfo.narinfo_key(r) for r in ni.references if r[:32] != key[:32]}
+            self.needs[key] = needs
+            for needed in needs:
+                self.needed_by.setdefault(needed, set()).add(key)
+            if missing := sorted(n for n in needs if n not in self.objects):
+                self._broken(f"after {what}: {key} is visible without {missing}")
+
+    def _broken(self, message: str) -> None:
+        self.violations.append(message)
+        raise InvariantBroken(message)
 
     def _put(self, key: str, data: bytes) -> None:
         self.objects[key] = (data, time.time())
-        self._changed(f"put {key}")
+        self._changed(f"put {key}", key, deleted=False)
 
     async def exists(self, key: str) -> bool:
         return await self._request(f"HEAD {key}", lambda: key in self.objects)
@@ -152,7 +167,7 @@ class SimBucket(Backend):
     async def delete(self, key: str) -> None:
         def apply() -> None:
             if self.objects.pop(key, None) is not None:
-                self._changed(f"delete {key}")
+                self._changed(f"delete {key}", key, deleted=True)
 
         await self._request(f"DELETE {key}", apply)
 
@@ -249,7 +264,7 @@ class Uploader:
 
 async def gc_loop(
     bucket: SimBucket, bounds: Bounds, older_than: float, stop: asyncio.Event, rng: random.Random,
-    sweeper: Callable[..., Awaitable[Any]] | None = None,
+    sweeper: Callable[..., Awaitable[Any]] | None = None, pause: float = 2.0,
 ) -> int:  # fmt: skip
     """GC again and again until `stop`; the number of runs that completed."""
     async def new_sweep(b: Backend, snap: gc.Snapshot, plan: gc.GcPlan, bounds: Bounds) -> Any:
@@ -265,5 +280,5 @@ async def gc_loop(
             runs += 1
         except (BackendError, gc.GcError):
             pass
-        await asyncio.sleep(rng.uniform(0, 2))
+        await asyncio.sleep(rng.uniform(0, pause))
     return runs

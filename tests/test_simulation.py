@@ -25,7 +25,9 @@ from hookd.safety import Bounds
 from .sim import InvariantBroken, SimBucket, Uploader, closure, gc_loop, make_store, run_virtual
 
 VIRTUAL_LIMIT = 3600.0  # seconds of virtual time a scenario may take (it needs about 100)
-SEEDS = int(os.environ.get("HOOKD_SIM_SEEDS", "100"))
+SEEDS = int(os.environ.get("HOOKD_SIM_SEEDS", "400"))
+PUSHES = 16
+RETENTION = 40.0  # longer than a closure takes to upload here; shorter than a scenario
 BOUNDS = Bounds(grace=12.0, check_to_delete=0.5, request_timeout=1.0, max_skew=0.0).check()
 
 
@@ -35,16 +37,16 @@ async def scenario(seed: int, root: Path, sweeper: Any = None) -> tuple[SimBucke
     bucket = SimBucket(random.Random(seed + 1), apply_within=0.4, answer_within=0.8, fault_rate=0.05)
     uploaders = [Uploader(f"u{i}", bucket, infos, BOUNDS, root / f"staging{i}") for i in range(3)]
     stop = asyncio.Event()
-    gc_task = asyncio.create_task(gc_loop(bucket, BOUNDS, 12.0, stop, random.Random(seed + 2), sweeper))
+    gc_task = asyncio.create_task(gc_loop(bucket, BOUNDS, RETENTION, stop, random.Random(seed + 2), sweeper))
     paths = list(infos)
     pushed: list[str] = []
 
     async def builder(u: Uploader, urng: random.Random) -> None:
-        for _ in range(12):
+        for _ in range(PUSHES):
             root_path = urng.choice(paths)
             pushed.append(root_path)
             await u.push(root_path)
-            await asyncio.sleep(urng.uniform(0, 9))  # builds come and go: closures age past the grace
+            await asyncio.sleep(urng.uniform(0, 20))  # builds come and go: closures age past the grace
 
     try:
         # every push ends with its root published or found in the cache (nothing accepted is lost),
@@ -54,7 +56,7 @@ async def scenario(seed: int, root: Path, sweeper: Any = None) -> tuple[SimBucke
     finally:
         stop.set()
         runs = await gc_task
-    assert len(pushed) == 12 * len(uploaders)
+    assert len(pushed) == PUSHES * len(uploaders)
     for p in closure(infos, pushed):  # what was published, and is still there, is whole
         if narinfo.narinfo_key(p) in bucket.objects:
             assert all(narinfo.narinfo_key(r) in bucket.objects for r in infos[p].references)
