@@ -13,7 +13,7 @@ import pytest
 from hookd import selftest
 from hookd.selftest import HookdProcess, NixEnv
 
-from .servers import Moto, Nginx
+from .servers import Moto, Nginx, Radosgw, S3Server
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 if not VECTORS.exists():
@@ -66,6 +66,24 @@ def moto(servers_dir: Path) -> Iterator[Moto]:
     server = Moto(servers_dir)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def radosgw(servers_dir: Path) -> Iterator[Radosgw]:
+    """Ceph's radosgw on a throw-away one-node cluster on 127.0.0.1 (a real S3 server; ~1-3 s to start)."""
+    server = Radosgw(servers_dir)
+    yield server
+    server.stop()
+
+
+S3_SERVERS = ["moto", "radosgw"]
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3server(request: pytest.FixtureRequest) -> S3Server:
+    """Each S3 test runs against every S3 server: moto (AWS's behaviour as modelled) and radosgw (a real one)."""
+    server: S3Server = request.getfixturevalue(request.param)
+    return server
 
 
 @pytest.fixture(scope="session")

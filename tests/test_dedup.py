@@ -16,7 +16,7 @@ from hookd.planner import IDENTITY_KEY
 from hookd.selftest import CHAIN_NIX, HookdProcess, NixEnv
 
 from .conftest import HookdFactory
-from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto, Nginx
+from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Nginx, S3Server
 
 ALL_OUTPUTS = ["top", "multi.out", "multi.dev", "multi.doc"]
 
@@ -55,23 +55,23 @@ def wait_idle(hookd: HookdProcess, timeout: float = 60) -> None:
 
 
 class S3Cache:
-    def __init__(self, moto: Moto, tmp: Path) -> None:
-        self.moto = moto
+    def __init__(self, server: S3Server, tmp: Path) -> None:
+        self.server = server
         self.bucket = f"hookd-{uuid.uuid4().hex[:12]}"
-        moto.make_bucket(self.bucket)
-        self.proxy = FaultProxy(tmp, moto.url)
+        server.make_bucket(self.bucket)
+        self.proxy = FaultProxy(tmp, server.url)
         self.url = f"s3://{self.bucket}?endpoint={self.proxy.url}&region=us-east-1&addressing=path"
-        self.read_url = f"{moto.url}/{self.bucket}"
+        self.read_url = f"{server.url}/{self.bucket}"
         self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 
     def objects(self) -> set[str]:
-        return set(self.moto.keys(self.bucket))
+        return set(self.server.keys(self.bucket))
 
     def writes(self) -> list[dict[str, object]]:
         return [r for r in self.proxy.records() if r["method"] in ("PUT", "POST", "DELETE")]
 
     def last_modified(self, key: str) -> float:
-        return float(self.moto.client().head_object(Bucket=self.bucket, Key=key)["LastModified"].timestamp())
+        return float(self.server.client().head_object(Bucket=self.bucket, Key=key)["LastModified"].timestamp())
 
     def wait_for(self, paths: list[str], hookd: HookdProcess, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -90,9 +90,9 @@ def start(hookd_factory: HookdFactory, cache: S3Cache, **env: str) -> HookdProce
 
 
 def test_rebuilding_an_uploaded_closure_puts_nothing(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
 ) -> None:
-    cache = S3Cache(moto, tmp_path)
+    cache = S3Cache(s3server, tmp_path)
     hookd = start(hookd_factory, cache)
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     salt = str(time.time_ns())
@@ -111,16 +111,16 @@ def test_rebuilding_an_uploaded_closure_puts_nothing(
 
 
 def test_an_emptied_bucket_is_refilled(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
 ) -> None:
-    cache = S3Cache(moto, tmp_path)
+    cache = S3Cache(s3server, tmp_path)
     hookd = start(hookd_factory, cache)
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     outs = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
     closure = nixenv.closure(outs)
     cache.wait_for(closure, hookd)
     assert IDENTITY_KEY in cache.objects()
-    c = moto.client()
+    c = s3server.client()
     for key in cache.objects():  # someone empties the throwaway bucket behind hookd's back
         c.delete_object(Bucket=cache.bucket, Key=key)
     assert cache.objects() == set()
@@ -133,7 +133,7 @@ def test_an_emptied_bucket_is_refilled(
 
 
 def test_upstream_paths_are_skipped(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, nginx: Nginx, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, nginx: Nginx, s3server: S3Server
 ) -> None:
     from click.testing import CliRunner
 
@@ -146,7 +146,7 @@ def test_upstream_paths_are_skipped(
     (nginx.root / sub).mkdir()
     up_proxy = FaultProxy(tmp_path, nginx.url)
     upstream_url = f"{up_proxy.url}/{sub}"
-    cache = S3Cache(moto, tmp_path)
+    cache = S3Cache(s3server, tmp_path)
 
     hookd = hookd_factory(start=False)  # not yet: the builds below spool their requests
     hookd.start()
@@ -193,9 +193,9 @@ def test_upstream_paths_are_skipped(
 
 
 def test_dedup_hit_refreshes_age_at_most_once_per_interval(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
 ) -> None:
-    cache = S3Cache(moto, tmp_path)
+    cache = S3Cache(s3server, tmp_path)
     hookd = start(hookd_factory, cache, HOOKD_REFRESH_INTERVAL="4")
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     [top] = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
