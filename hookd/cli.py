@@ -376,6 +376,13 @@ def push(
         raise click.UsageError("hookd uploads closures only: a path whose references are missing is unusable")
     cfg = load_config(config_file, cache=cache or "file:///unused", _validate=False)
     store_paths = tuple(p if p.startswith(cfg.store_dir + "/") else os.path.realpath(p) for p in paths)
+    if any(p.endswith(".drv") for p in store_paths):  # its outputs, on every Nix (see Store.resolve)
+        from .store import Store, StoreError
+
+        try:
+            store_paths = tuple(asyncio.run(Store(cfg.store_dir, cfg.nix_store).resolve(store_paths)))
+        except StoreError as e:
+            raise click.ClickException(str(e)) from None
     request = protocol.Enqueue(None, store_paths).encode()
     try:
         ok, detail = hook.send(str(cfg.socket_path), request, timeout=10)
@@ -392,7 +399,7 @@ def push(
         if wait:
             raise click.ClickException("not waiting: the daemon is not running")
     else:
-        click.echo(f"queued {len(paths)} paths ({detail})")
+        click.echo(f"queued {len(store_paths)} paths ({detail})")
     if pin_name:
         _, backend = _backend(config_file, cache)
 

@@ -221,7 +221,10 @@ class Planner:
         drvs: list[str] = []
         for r in reqs:
             if r.outs:
-                roots.extend(r.outs)
+                # A .drv given as a path (`hookd push X.drv`, an older client) means its outputs, as on Nix
+                # 2.8; `nix path-info X.drv` would answer for the .drv itself on 2.26+.
+                roots.extend(p for p in r.outs if not p.endswith(".drv"))
+                drvs.extend(p for p in r.outs if p.endswith(".drv"))
             elif r.drv:
                 drvs.append(r.drv)
         if drvs:

@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from .store import InvalidPathError, json_format_args, parse_path_info
+
 BUILD_USER = "hookd-build"
 
 CHAIN_NIX = r"""
@@ -95,6 +97,7 @@ class NixEnv:
         self.hook_env = dict(hook_env)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_file = root / "nix-daemon.log"
+        self._json_flags: tuple[str, ...] | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -166,10 +169,16 @@ class NixEnv:
             argv += ["--argstr", k, v]
         return self.nix(*argv, user=user).stdout.split()
 
+    def json_flags(self) -> tuple[str, ...]:
+        """How to ask this Nix for path-info JSON (`--json-format 2` where it takes it)."""
+        if self._json_flags is None:
+            self._json_flags = json_format_args(self.nix("nix", "--version").stdout)
+        return self._json_flags
+
     def path_info(self, paths: Iterable[str], recursive: bool = False) -> list[dict[str, object]]:
-        argv = ["nix", "path-info", "--json", *(["-r"] if recursive else []), *paths]
-        data = json.loads(self.nix(*argv).stdout)
-        return list(data if isinstance(data, list) else [dict(v, path=k) for k, v in data.items()])
+        argv = ["nix", "path-info", *self.json_flags(), *(["-r"] if recursive else []), *paths]
+        infos = parse_path_info(json.loads(self.nix(*argv).stdout), self.store_dir)
+        return [i.to_json() for i in infos.values()]
 
     def closure(self, paths: Iterable[str]) -> list[str]:
         return sorted(str(i["path"]) for i in self.path_info(paths, recursive=True))
@@ -192,13 +201,14 @@ class NixEnv:
         if proc.returncode != 0:
             raise CommandFailed(argv, proc)
         # Ask the fresh store itself, so that a realise that went to some other store cannot pass.
-        check = ["nix", "path-info", "--json", "--store", str(fresh_root / "root"), *paths]
+        check = ["nix", "path-info", *self.json_flags(), "--store", str(fresh_root / "root"), *paths]
         proc = _run(check, env)
         if proc.returncode != 0:
             raise CommandFailed(check, proc)
-        data = json.loads(proc.stdout)
-        entries = data if isinstance(data, list) else [dict(v or {}, path=k) for k, v in data.items()]
-        valid = {str(e["path"]) for e in entries if e.get("narHash")}
+        try:
+            valid = set(parse_path_info(json.loads(proc.stdout), self.store_dir))
+        except InvalidPathError as e:
+            raise RuntimeError(f"the fresh store lacks {e.path} after substitution") from None
         if valid != set(paths):
             raise RuntimeError(f"the fresh store lacks {sorted(set(paths) - valid)} after substitution")
 

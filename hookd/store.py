@@ -1,8 +1,11 @@
 """The local Nix store, read through Nix's own commands: path info in batches, .drv outputs, closures.
 
-One subprocess answers for many paths. The JSON of `nix path-info --json` changed shape across Nix
-versions (a list of objects with `sha256:<nix32>` hashes in 2.8; an object keyed by path with SRI hashes
-later; structured hash objects and base-name references later still): `parse_path_info` reads them all.
+One subprocess answers for many paths. `nix path-info --json` changed shape across versions (measured
+in tests/fixtures/path-info): a list of objects with `path` (2.8, and Lix today); a map keyed by full
+path (2.19+), with nulls for absent fields and invalid paths (2.23+); `--json-format 2` (2.33+; a bare
+`--json` is deprecated from 2.34) wraps a map keyed by base name in {"version", "storeDir", "info"}
+with a structured `ca`; format 3 (2.35) adds structured signatures. `parse_path_info` reads them all,
+and `Store` asks for format 2 where the installed Nix takes it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,69 +59,119 @@ class PathInfo:
         }
 
 
-def _hash(value: Any) -> bytes:
-    if isinstance(value, dict):  # {"algorithm": "sha256", "format": "base64", "hash": "..."}
-        algo, fmt, text = value.get("algorithm"), value.get("format", "base64"), value.get("hash", "")
-        if algo != "sha256":
-            raise ValueError(f"unsupported NAR hash algorithm {algo!r}")
+_SIZES = {"sha256": 32, "sha512": 64, "sha1": 20, "md5": 16}
+
+
+def _typed_hash(value: Any) -> tuple[str, bytes]:
+    """Any hash Nix's JSON holds, as (algorithm, digest): `algo:<nix32|hex|base64>` (2.8's narinfo style),
+    SRI `algo-<base64>` (2.19+, formats 2 and 3, Lix) or {"algorithm", "format", "hash"} (some 2.3x)."""
+    if isinstance(value, dict):
+        algo, fmt, text = value.get("algorithm"), value.get("format", "base64"), value.get("hash")
+        if algo not in _SIZES or not isinstance(text, str):
+            raise ValueError(f"unsupported hash {value!r}")
         if fmt == "base64":
-            return base64.b64decode(text)
-        if fmt in ("nix32", "base32"):
-            return nixbase32.decode(text)
-        if fmt in ("base16", "hex"):
-            return bytes.fromhex(text)
-        return nixbase32.parse_hash(text)
+            digest = base64.b64decode(text, validate=True)
+        elif fmt in ("nix32", "base32"):
+            digest = nixbase32.decode(text)
+        elif fmt in ("base16", "hex"):
+            digest = bytes.fromhex(text)
+        else:
+            raise ValueError(f"unknown hash format {fmt!r}")
+        if len(digest) != _SIZES[algo]:
+            raise ValueError(f"{algo} hash of {len(digest)} bytes")
+        return algo, digest
     if isinstance(value, str):
-        return nixbase32.parse_hash(value)
-    raise ValueError(f"unexpected NAR hash {value!r}")
+        for algo in _SIZES:
+            if value.startswith((algo + ":", algo + "-")):
+                return algo, nixbase32.parse_hash(value, algo)
+    raise ValueError(f"unexpected hash {value!r}")
+
+
+def _nar_hash(value: Any) -> bytes:
+    algo, digest = _typed_hash(value)
+    if algo != "sha256":
+        raise ValueError(f"unsupported NAR hash algorithm {algo!r}")
+    return digest
+
+
+_CA_PREFIX = {"nar": "fixed:r:", "flat": "fixed:", "text": "text:", "git": "fixed:git:"}
+
+
+def _render_ca(ca: Any) -> str | None:
+    """A content address as narinfos write it (`fixed:r:sha256:<nix32>`, `text:sha256:<nix32>`, …): format 1
+    and Lix give that string; formats 2 and 3 give {"method": "nar", "hash": <SRI or structured hash>}."""
+    if ca is None or isinstance(ca, str):
+        return ca or None
+    if not isinstance(ca, dict) or ca.get("method") not in _CA_PREFIX:
+        raise ValueError(f"unsupported content address {ca!r}")
+    algo, digest = _typed_hash(ca.get("hash"))
+    return _CA_PREFIX[ca["method"]] + nixbase32.format_hash(digest, algo)
+
+
+def _signature(sig: Any) -> str:
+    """`keyname:base64`: a string up to format 2, {"keyName", "sig"} in format 3 (Nix 2.35)."""
+    if isinstance(sig, str):
+        return sig
+    if isinstance(sig, dict) and isinstance(sig.get("keyName"), str) and isinstance(sig.get("sig"), str):
+        return f"{sig['keyName']}:{sig['sig']}"
+    raise ValueError(f"unexpected signature {sig!r}")
 
 
 def _full(path: str, store_dir: str) -> str:
     return path if "/" in path else f"{store_dir}/{path}"
 
 
+def _entries(data: Any, store_dir: str) -> list[tuple[Any, Any]]:
+    """(path, entry) pairs from any shape of `nix path-info --json`'s answer."""
+    if isinstance(data, list):  # Nix 2.8 to 2.18 and Lix: [{"path": …, …}, {"path": …, "valid": false}]
+        return [(entry.get("path") if isinstance(entry, dict) else None, entry) for entry in data]
+    if not isinstance(data, dict):
+        raise StoreError(f"unexpected `nix path-info --json` output of type {type(data).__name__}")
+    if isinstance(data.get("version"), int) and isinstance(data.get("info"), dict):
+        # --json-format 2 and 3: {"version": N, "storeDir": …, "info": {<base name>: … | null}}
+        reported = data.get("storeDir", store_dir)
+        if reported != store_dir:
+            raise StoreError(f"Nix reports the store directory {reported}, but hookd is set up for {store_dir}")
+        return list(data["info"].items())
+    return list(data.items())  # 2.19+ format 1: {<full path>: … | null} (null for invalid paths since 2.23)
+
+
 def parse_path_info(data: Any, store_dir: str) -> dict[str, PathInfo]:
     """Parse `nix path-info --json` output of any supported Nix version into {path: PathInfo}.
 
-    Raises InvalidPathError for paths reported invalid (newer Nix reports them as null or without narHash).
+    Raises InvalidPathError for paths reported invalid (null, `"valid": false`, or no narHash).
     """
-    if isinstance(data, list):
-        items = [(entry.get("path"), entry) for entry in data]
-    elif isinstance(data, dict):
-        items = list(data.items())
-    else:
-        raise StoreError(f"unexpected `nix path-info --json` output of type {type(data).__name__}")
     out: dict[str, PathInfo] = {}
-    for raw_path, entry in items:
-        path = _full(str(raw_path), store_dir)
-        if entry is None or entry.get("valid") is False or "narHash" not in entry:
+    for raw_path, entry in _entries(data, store_dir):
+        if not isinstance(raw_path, str) or not raw_path:
+            raise StoreError(f"`nix path-info --json` gave an entry without a path: {entry!r}")
+        path = _full(raw_path, store_dir)
+        if not isinstance(entry, dict) or entry.get("valid") is False or entry.get("narHash") is None:
             raise InvalidPathError(path)
         try:
             deriver = entry.get("deriver")
-            ca = entry.get("ca")
             out[path] = PathInfo(
                 path=path,
-                nar_hash=_hash(entry["narHash"]),
+                nar_hash=_nar_hash(entry["narHash"]),
                 nar_size=int(entry["narSize"]),
-                references=tuple(sorted(_full(r, store_dir) for r in entry.get("references", []))),
+                references=tuple(sorted(_full(r, store_dir) for r in entry.get("references") or [])),
                 deriver=_full(deriver, store_dir) if deriver else None,
-                ca=ca if isinstance(ca, str) else _render_ca(ca) if ca else None,
-                sigs=tuple(entry.get("signatures", [])),
+                ca=_render_ca(entry.get("ca")),
+                sigs=tuple(_signature(s) for s in entry.get("signatures") or []),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"cannot parse path info of {path}: {e}") from None
     return out
 
 
-def _render_ca(ca: dict[str, Any]) -> str | None:
-    """Newer Nix gives CA as {"method": "nar", "hash": {...}}; narinfos want `fixed:r:sha256:<nix32>`."""
-    try:
-        digest = _hash(ca["hash"])
-        method = ca["method"]
-    except (KeyError, ValueError, TypeError):
-        return None
-    prefix = {"nar": "fixed:r:", "flat": "fixed:", "text": "text:"}.get(method)
-    return f"{prefix}{nixbase32.format_hash(digest)}" if prefix else None
+def json_format_args(version: str) -> tuple[str, ...]:
+    """The flags that ask `nix path-info` for JSON, from `nix --version`: `--json-format 2` where Nix takes
+    it (2.33+; 2.34 warns that a bare `--json` will become an error), a bare `--json` on older Nix and on
+    Lix, which reject the flag."""
+    m = re.search(r"\((?:Determinate )?Nix\b[^)]*\) (\d+)\.(\d+)", version)
+    if m and (int(m[1]), int(m[2])) >= (2, 33):
+        return ("--json", "--json-format", "2")
+    return ("--json",)
 
 
 class Store:
@@ -126,12 +180,13 @@ class Store:
     def __init__(self, store_dir: str = storepath.DEFAULT_STORE_DIR, store_uri: str | None = None) -> None:
         self.store_dir = store_dir
         self.store_uri = store_uri
+        self._json_args: tuple[str, ...] | None = None  # decided once, from `nix --version`
 
     def check(self, path: str) -> str:
         return storepath.check(path, self.store_dir)
 
-    async def _run(self, argv: Sequence[str]) -> bytes:
-        if self.store_uri:
+    async def _run(self, argv: Sequence[str], with_store: bool = True) -> bytes:
+        if self.store_uri and with_store:
             argv = [argv[0], "--store", self.store_uri, *argv[1:]]
         env = dict(os.environ, NIX_STORE_DIR=self.store_dir)
         try:
@@ -159,13 +214,34 @@ class Store:
             raise StoreError(f"{' '.join(argv[:3])} …: {detail}")
         return stdout
 
+    async def json_args(self) -> tuple[str, ...]:
+        """How to ask this Nix for path-info JSON (see `json_format_args`); one `nix --version` per Store."""
+        if self._json_args is None:
+            self._json_args = json_format_args((await self._run(["nix", "--version"], with_store=False)).decode())
+        return self._json_args
+
     async def path_info(self, paths: Iterable[str], recursive: bool = False) -> dict[str, PathInfo]:
-        """Path info for `paths` (and, with `recursive`, their whole closure) in one subprocess."""
+        """Path info for `paths` (and, with `recursive`, their whole closure) in one subprocess.
+
+        Give no .drv here (resolve it with `outputs` first): Nix 2.8 answers for a .drv's outputs, 2.26+
+        for the .drv itself.
+        """
         paths = list(paths)
         if not paths:
             return {}
-        argv = ["nix", *NIX_FLAGS, "path-info", "--json", *(["--recursive"] if recursive else []), *paths]
-        out = await self._run(argv)
+        flags = await self.json_args()
+        try:
+            out = await self._run(
+                ["nix", *NIX_FLAGS, "path-info", *flags, *(["--recursive"] if recursive else []), *paths]
+            )
+        except StoreError as e:
+            if "--json-format" not in flags or "json-format" not in str(e):
+                raise
+            # A Nix that reports 2.33+ but does not take the flag (a patched or development build).
+            self._json_args = ("--json",)
+            out = await self._run(
+                ["nix", *NIX_FLAGS, "path-info", "--json", *(["--recursive"] if recursive else []), *paths]
+            )
         try:
             data = json.loads(out)
         except ValueError as e:
@@ -191,9 +267,23 @@ class Store:
             raise
 
     async def outputs(self, drvs: Iterable[str]) -> list[str]:
-        """The output paths of the given .drv files (all that exist in the store)."""
+        """The output paths of the given .drv files, whether built or not (`nix-store --query --outputs`,
+        which every Nix answers the same way, unlike `nix path-info X.drv`)."""
         drvs = list(drvs)
         if not drvs:
             return []
         out = await self._run(["nix-store", "--query", "--outputs", *drvs])
         return [line for line in out.decode().split() if line]
+
+    async def resolve(self, paths: Iterable[str]) -> list[str]:
+        """`paths` with every .drv replaced by those of its outputs that are in the store, in order; a .drv
+        with none of its outputs built is an error."""
+        paths = list(paths)
+        drvs = [p for p in paths if p.endswith(".drv")]
+        if not drvs:
+            return paths
+        built = {d: [o for o in await self.outputs([d]) if os.path.lexists(o)] for d in drvs}
+        for d, outs in built.items():
+            if not outs:
+                raise StoreError(f"none of the outputs of {d} is in the store (build it first)")
+        return [o for p in paths for o in built.get(p, [p])]

@@ -164,6 +164,34 @@ def test_push_wait_on_a_terminal(nixenv: NixEnv, hookd_factory: HookdFactory, bu
     assert sum(line.startswith("uploaded /") for line in proc.stdout.splitlines()) == 4
 
 
+def test_push_a_drv_uploads_its_outputs(nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str) -> None:
+    """`nix path-info X.drv` answers for the outputs on Nix 2.8 but for the .drv itself on 2.26+: `push X.drv`
+    resolves the outputs itself, so it uploads them (and not the .drv) on every Nix."""
+    hookd = hookd_factory()
+    hookd.stop()
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    salt = str(time.time_ns())
+    nixenv.build(expr, ["multi"], user=build_user, args={"salt": salt})
+    drv = nixenv.nix("nix-instantiate", str(expr), "-A", "multi", "--argstr", "salt", salt).stdout.strip()
+    outs = [o for o in nixenv.nix("nix-store", "--query", "--outputs", drv).stdout.split() if os.path.lexists(o)]
+    assert drv.endswith(".drv") and len(outs) == 3
+    for f in (hookd.state_dir / "spool").glob("*.req"):  # as if they had been substituted, not built
+        f.unlink()
+    hookd.start()
+    env = dict(os.environ, HOOKD_STATE_DIR=str(hookd.state_dir), HOOKD_CACHE=hookd.cache_url,
+               HOOKD_CONFIG="/dev/null", HOOKD_STORE_DIR=nixenv.store_dir, **nixenv.env)  # fmt: skip
+    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+    proc = subprocess.run([hookd_bin, "push", "--wait", drv], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    uploaded = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("uploaded /")}
+    assert uploaded == set(nixenv.closure(outs)) and drv not in uploaded
+    cache = Path(hookd.cache_url.removeprefix("file://"))
+    assert not (cache / f"{Path(drv).name[:32]}.narinfo").exists()
+    proc = subprocess.run([hookd_bin, "push", drv.replace("-multi.drv", "-nothing.drv")], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0
+
+
 def test_systemd_notifications(nixenv: NixEnv, hookd_factory: HookdFactory, tmp_path: Path) -> None:
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
