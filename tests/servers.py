@@ -3,6 +3,7 @@ WebDAV, and the fault proxy. Each runs as a subprocess and is stopped by its fix
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -133,11 +134,15 @@ mon_data = {dir}/mon
 osd_data = {dir}/osd
 # one OSD holding everything in memory; no manager
 osd_objectstore = memstore
+# radosgw's object classes (Ceph 20 in Debian defaults to a path relative to the OSD's working directory)
+osd_class_dir = {classes}
 memstore_device_bytes = 4294967296
 osd_pool_default_size = 1
 osd_pool_default_min_size = 1
+# few placement groups per pool (radosgw makes ~8 pools; one OSD takes 250 at most), and no autoscaler to set
+# them (Ceph 20 would otherwise create each pool with 1)
 osd_pool_default_pg_num = 8
-osd_pool_default_pgp_num = 8
+osd_pool_default_pg_autoscale_mode = off
 osd_crush_chooseleaf_type = 0
 mon_allow_pool_size_one = true
 mon_warn_on_pool_no_redundancy = false
@@ -168,7 +173,10 @@ class Radosgw(S3Server):
         mon_port, self.port = free_port(), free_port()
         conf = self.conf = d / "ceph.conf"
         fsid = str(uuid.uuid4())
-        conf.write_text(CEPH_CONF.format(fsid=fsid, mon_port=mon_port, rgw_port=self.port, dir=d))
+        classes = glob.glob("/usr/lib/*/rados-classes") + glob.glob("/usr/lib*/rados-classes")
+        if not classes:
+            pytest.fail("Ceph's rados-classes are not installed (run .ci/setup)", pytrace=False)
+        conf.write_text(CEPH_CONF.format(fsid=fsid, mon_port=mon_port, rgw_port=self.port, dir=d, classes=classes[0]))
         self.procs: list[subprocess.Popen[bytes]] = []
         try:
             self._run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{mon_port}]",
