@@ -7,11 +7,12 @@ import socket
 import stat
 from pathlib import Path
 
+from . import access
 from .signing import KeyFileError, PublicKey, SecretKey
 
 
 class KeyPermissionError(PermissionError):
-    """The secret key file is readable by users other than its owner."""
+    """The secret key file is readable by users other than hookd's and root."""
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:
@@ -38,8 +39,35 @@ def default_key_name() -> str:
     return f"{socket.gethostname().split('.')[0]}-hookd-1"
 
 
+def others_who_can_read(path: Path, allowed: set[int]) -> tuple[list[str], bool]:
+    """Who, besides the users in `allowed`, can read `path` (described for an error message), and whether
+    the file carries named ACL entries."""
+    _, who, named = access.who_can_read(path)
+    others = [access.user_name(u) for u in sorted(who.users - allowed)]
+    for g in sorted(who.groups):
+        members = access.group_members(g) - allowed
+        if members:
+            others.append(
+                f"the members of {access.group_name(g)}: {', '.join(access.user_name(u) for u in sorted(members))}"
+            )
+    if who.everyone:
+        others.append("every user (the file's mode or ACL lets others read it)")
+    return others, named
+
+
+def _in_credentials_directory(path: Path) -> bool:
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    return creds is not None and os.path.realpath(path).startswith(os.path.realpath(creds) + os.sep)
+
+
 def load_secret_key(path: Path) -> SecretKey:
-    """Read a secret key file, refusing one that group or others may read (or one that is not a file)."""
+    """Read a secret key file, refusing one that anyone but this process's user and root can read.
+
+    Who can read is decided from the owner, the ACL entries (through the mask) and the members of the groups
+    allowed to read, not from mode bits: systemd's `LoadCredential=` copy in `$CREDENTIALS_DIRECTORY` is
+    root-owned 0400 plus an ACL entry for the service's user, which `stat` shows as 0440, and is accepted
+    for what it is, a copy only the service can read.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -49,10 +77,24 @@ def load_secret_key(path: Path) -> SecretKey:
         ) from None
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"secret key file {path} is not a regular file")
-    if st.st_mode & 0o077:
+    me = os.geteuid()
+    others, named = others_who_can_read(path, {me, 0})
+    if others:
+        if _in_credentials_directory(path):
+            advice = (
+                "It is systemd's credential copy in $CREDENTIALS_DIRECTORY, which systemd makes readable by the "
+                "service alone: something changed it since; restart the service for a fresh copy."
+            )
+        else:
+            fix = f"chown {access.login(me)} {path} && chmod 0400 {path}"
+            advice = (
+                f"Let only hookd's user read it: `{fix}{f' && setfacl -b {path}' if named else ''}`; or keep it "
+                f"root-owned 0400 and hand it to the service with systemd's LoadCredential= (as "
+                f"systemd/hookd.service and the NixOS module do)."
+            )
         raise KeyPermissionError(
-            f"secret key file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so users other than its "
-            f"owner can read it; refusing to use it. Run `chmod 600 {path}` (owned by hookd's user)."
+            f"secret key file {path} can be read by {'; '.join(others)}, not only by hookd's user "
+            f"{access.user_name(me)} and root; refusing to use it. {advice}"
         )
     try:
         return SecretKey.parse(path.read_text())

@@ -52,12 +52,18 @@ async def open_queue(cfg: Config, write: bool = False) -> Queue:
         raise
 
 
-async def with_queue(cfg: Config, fn: Any, write: bool = False) -> Any:
-    queue = await open_queue(cfg, write)
-    try:
-        return await fn(queue)
-    finally:
-        await queue.close()
+async def with_queue(cfg: Config, fn: Any, write: bool = False, attempts: int = 3) -> Any:
+    """fn(queue); read again if the queue was read without locks and the daemon wrote to it meanwhile
+    (Queue.open_readonly): the second read takes the daemon's WAL index, or finds it stopped again."""
+    for _ in range(attempts):
+        queue = await open_queue(cfg, write)
+        try:
+            result = await fn(queue)
+        finally:
+            await queue.close()
+        if queue.unchanged():
+            return result
+    raise OperatorError(f"{cfg.db_path} kept changing while it was read; try again")
 
 
 def status(cfg: Config) -> dict[str, Any]:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
+import sqlite3
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,23 +128,56 @@ def _serialized(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return wrapper
 
 
+def _file_state(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Queue:
     def __init__(self, db: aiosqlite.Connection, store_dir: str) -> None:
         self.db = db
         self.store_dir = store_dir
         self._lock = asyncio.Lock()
         self.readonly = False
+        self._immutable: tuple[Path, tuple[int, int, int]] | None = None
 
     @classmethod
     async def open_readonly(cls, path: Path, store_dir: str) -> Queue:
-        """For the operator CLI: reads, no schema changes, no writes."""
+        """For the operator CLI: reads, no schema changes, no writes.
+
+        A WAL database is read through its -shm index, which the first reader creates. A member of the
+        daemon's group cannot create it in the 0750 state directory, so when the daemon has stopped cleanly
+        (no -wal left) the file is opened `immutable=1` instead: no -shm, no locks. That is sound because
+        while there is no -wal file the main file holds every commit and nothing writes to it: a writer
+        creates the -wal first and changes the main file only when it checkpoints. `unchanged()` tells
+        afterwards whether this still held during the read (no -wal appeared; same inode, size and mtime),
+        and the operator CLI reads again if not.
+        """
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist (has the daemon ever run with this state directory?)")
-        db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-        await db.execute("PRAGMA busy_timeout=10000")
+        uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+        db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        snapshot = None
+        try:
+            await db.execute("PRAGMA busy_timeout=10000")
+            await db.execute_fetchall("SELECT COUNT(*) FROM sqlite_master")  # opens the WAL index
+        except sqlite3.OperationalError:
+            await db.close()
+            if os.path.exists(f"{path}-wal") or os.access(path.parent, os.W_OK):
+                raise  # not the case above: a daemon running or crashed, or another problem
+            snapshot = _file_state(path)
+            db = await aiosqlite.connect(uri + "&immutable=1", uri=True, isolation_level=None)
         queue = cls(db, store_dir)
         queue.readonly = True
+        queue._immutable = (path, snapshot) if snapshot else None
         return queue
+
+    def unchanged(self) -> bool:
+        """False if this queue was read as immutable and the file has changed since (see open_readonly)."""
+        if self._immutable is None:
+            return True
+        path, before = self._immutable
+        return not os.path.exists(f"{path}-wal") and _file_state(path) == before
 
     @classmethod
     async def open(cls, path: Path, store_dir: str) -> Queue:

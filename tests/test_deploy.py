@@ -40,7 +40,10 @@ def units(tmp_path: Path) -> Path:
 
 
 def test_systemd_analyze_verify_accepts_every_unit(units: Path) -> None:
+    """On every systemd (252, 257, 262): verify also runs `man` for each Documentation=man:… line, so man-db
+    and nix-bin's nix.conf(5) must be there (.ci/setup installs both)."""
     assert {u.name for u in UNITS} == {"hookd.service", "hookd.socket", "hookd-gc.service", "hookd-gc.timer"}
+    need("man")
     proc = subprocess.run([need("systemd-analyze"), "verify", *sorted(str(p) for p in units.iterdir())],
                           capture_output=True, text=True, cwd=units)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -52,9 +55,9 @@ def test_service_exposure_is_at_most_2(units: Path) -> None:
                           capture_output=True, text=True)  # fmt: skip
     m = re.search(r"Overall exposure level for hookd\.service: (\d+\.\d+)", proc.stdout + proc.stderr)
     assert m, proc.stdout + proc.stderr
-    assert float(m.group(1)) <= 2.0
-    readme = (ROOT / "README.md").read_text()
-    assert f"exposure level {m.group(1)}" in readme  # the README records the current figure
+    # The bound, not a figure: systemd's scoring changes between versions (1.4 on 252, 1.2 on 257 and 262;
+    # the README records each and promises at most 2.0).
+    assert float(m.group(1)) <= 2.0, proc.stdout
 
 
 def test_every_nix_file_parses() -> None:
@@ -120,7 +123,7 @@ def test_socket_activation_serves_the_hook(nixenv: NixEnv, hookd_factory: HookdF
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
-def test_daemon_refuses_a_key_others_can_read(tmp_path: Path, mode: int) -> None:
+def test_daemon_refuses_a_key_others_can_read(build_user: str, tmp_path: Path, mode: int) -> None:
     from click.testing import CliRunner
 
     from hookd.cli import main
@@ -128,13 +131,16 @@ def test_daemon_refuses_a_key_others_can_read(tmp_path: Path, mode: int) -> None
     key = tmp_path / "secret-key"
     assert CliRunner().invoke(main, ["keygen", "k-1", "--secret-key-file", str(key),
                                      "--public-key-file", str(tmp_path / "pub")]).exit_code == 0  # fmt: skip
+    os.chown(key, -1, pwd.getpwnam(build_user).pw_gid)  # a group with a member other than hookd's user
     key.chmod(mode)
     proc = subprocess.run([HOOKD, "daemon", "--cache", f"file://{tmp_path / 'cache'}", "--state-dir",
                            str(tmp_path / "state"), "--secret-key-file", str(key)],
                           env={"HOOKD_CONFIG": "/dev/null", "PATH": os.environ["PATH"]}, capture_output=True,
                           text=True, timeout=30)  # fmt: skip
     assert proc.returncode != 0
-    assert str(key) in proc.stderr and f"mode {mode:04o}" in proc.stderr and f"chmod 600 {key}" in proc.stderr
+    who = f"the members of group {build_user}" if mode & 0o040 else "every user"
+    assert f"{key} can be read by {who}" in proc.stderr, proc.stderr
+    assert f"chmod 0400 {key}" in proc.stderr
     assert not (tmp_path / "state" / "hookd.sock").exists()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shutil
 import socket
 import subprocess
 import sys
@@ -121,6 +122,126 @@ def test_operator_commands_refuse_others_clearly(nixenv: NixEnv, hookd_factory: 
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "run as root or as a member" in out or "Permission denied" in out, out
+
+
+OPERATOR_GROUP = "hookd-optest"
+OPERATOR_USER = "hookd-operator"
+
+
+def operator_member() -> tuple[int, int, int]:
+    """(uid, primary gid, operator gid) of an unprivileged user who is a member of the daemon's group."""
+    import grp
+    import pwd
+
+    subprocess.run(["groupadd", "--system", "-f", OPERATOR_GROUP], check=True, capture_output=True)
+    try:
+        pw = pwd.getpwnam(OPERATOR_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OPERATOR_USER],
+                       check=True)  # fmt: skip
+        pw = pwd.getpwnam(OPERATOR_USER)
+    subprocess.run(["gpasswd", "-a", OPERATOR_USER, OPERATOR_GROUP], check=True, capture_output=True)
+    return pw.pw_uid, pw.pw_gid, grp.getgrnam(OPERATOR_GROUP).gr_gid
+
+
+def test_group_members_read_the_queue_with_the_daemon_up_and_down(
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str
+) -> None:
+    """As the unit runs it: state directory 0750 in the daemon's group, files 0640 (UMask=0027). A member of the
+    group, a real unprivileged process, runs `hookd status` and `hookd queue` with the daemon up, and with it
+    stopped cleanly (no -wal, no -shm: a plain read-only open must create the -shm and cannot)."""
+    uid, gid, op_gid = operator_member()
+    hookd = hookd_factory(env={"HOOKD_SOCKET_GROUP": OPERATOR_GROUP}, start=False)
+    state = hookd.state_dir
+    state.mkdir()
+    os.chown(state, 0, op_gid)
+    state.chmod(0o2750)  # setgid: what the daemon creates belongs to its group, as under User=/Group=hookd
+    old = os.umask(0o027)
+    try:
+        hookd.start()
+    finally:
+        os.umask(old)
+    expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
+    [top] = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
+    wait_for_narinfos(Path(hookd.cache_url.removeprefix("file://")), nixenv.closure([top]))
+    wait_idle(hookd)
+    env = {"PATH": os.environ["PATH"], "HOOKD_STATE_DIR": str(state), "HOOKD_CONFIG": "/dev/null",
+           "HOOKD_STORE_DIR": nixenv.store_dir, "HOOKD_CACHE": hookd.cache_url}  # fmt: skip
+    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+
+    def as_member(*args: str) -> str:
+        proc = subprocess.run([hookd_bin, *args], user=uid, group=gid, extra_groups=[op_gid], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    def done(listing: str) -> set[str]:
+        return {r["path"] for r in json.loads(listing) if r["state"] == "done"}
+
+    closure = set(nixenv.closure([top]))
+    assert json.loads(as_member("status", "--json"))["daemon"]["up"] is True
+    assert done(as_member("queue", "--json")) >= closure
+    assert hookd.stop() == 0
+    assert not list(state.glob("queue.sqlite-*")), list(state.iterdir())  # stopped cleanly: no -wal, no -shm
+    st = json.loads(as_member("status", "--json"))
+    assert st["daemon"] == {"up": False} and st["counts"]["done"] >= len(closure)
+    assert done(as_member("queue", "--json")) >= closure
+    assert top in as_member("queue", "show", top)
+    assert not list(state.glob("queue.sqlite-*"))  # the reader left nothing behind
+
+
+def test_a_lock_free_read_notices_a_writer(tmp_path: Path) -> None:
+    """The immutable read of a stopped daemon's queue (see Queue.open_readonly) must notice when the daemon
+    starts and writes meanwhile: here a real writer commits and closes (checkpointing into the main file and
+    removing its -wal, so only the file's identity tells) while a group member holds the queue open."""
+    import asyncio
+    import tempfile
+
+    from hookd.queue import Queue
+
+    uid, gid, op_gid = operator_member()
+    state = Path(tempfile.mkdtemp(prefix="hk-ro-", dir="/tmp"))
+    try:
+        os.chown(state, 0, op_gid)
+        state.chmod(0o2750)
+        db = state / "queue.sqlite"
+
+        async def write(n: int) -> None:
+            q = await Queue.open(db, "/nix/store")
+            for _ in range(n):
+                await q.add_request(None, ["/nix/store/" + "a" * 32 + "-x"], "cli")
+            await q.close()
+
+        old = os.umask(0o027)
+        try:
+            asyncio.run(write(1))
+        finally:
+            os.umask(old)
+        assert not list(state.glob("queue.sqlite-*"))
+        code = (
+            "import asyncio, sys\n"
+            "from pathlib import Path\n"
+            "from hookd.queue import Queue\n"
+            "async def main():\n"
+            f"    q = await Queue.open_readonly(Path({str(db)!r}), '/nix/store')\n"
+            "    print((await q.counts())['requests'], q.unchanged(), flush=True)\n"
+            "    sys.stdin.readline()\n"
+            "    print(q.unchanged(), flush=True)\n"
+            "    await q.close()\n"
+            "asyncio.run(main())\n"
+        )
+        child = subprocess.Popen([sys.executable, "-c", code], user=uid, group=gid, extra_groups=[op_gid],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().split() == ["1", "True"], child.stderr.read() if child.stderr else ""
+        asyncio.run(write(3))
+        assert not list(state.glob("queue.sqlite-*"))  # the writer is gone again: only the file changed
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().split() == ["False"]
+        assert child.wait(30) == 0
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_push_wait_on_a_terminal(nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path) -> None:

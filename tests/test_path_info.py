@@ -58,7 +58,7 @@ def test_the_closure_is_what_nix_built() -> None:
 def test_signatures_nix_made_verify(name: str) -> None:
     """Nix signed top and dep with the test key: the signature covers the NAR hash, size and references,
     so it verifies only if all three were read right (and format 3's {keyName, sig} put back together)."""
-    key = signing.PublicKey.parse((FIXTURES / "test-key.public").read_text())
+    key = signing.PublicKey.parse((Path(__file__).parent / "vectors" / "test-key.public").read_text())
     p = paths(name)
     infos = parse(name)
     for path in (p["top"], p["dep"]):
