@@ -93,7 +93,8 @@ def nginx(servers_dir: Path) -> Iterator[Nginx]:
 
 @pytest.fixture
 def hookd_factory(nixenv: NixEnv, tmp_path: Path) -> Iterator[HookdFactory]:
-    """Start hookd daemons on the state directory the hook talks to; each test gets fresh state."""
+    """Start hookd daemons on the state directory the hook talks to; each test gets fresh state, and a fresh
+    log (tests count lines in it: one test's lines must not count in the next)."""
     state = nixenv.root / "hookd"
     shutil.rmtree(state, ignore_errors=True)
     started: list[HookdProcess] = []
@@ -113,4 +114,5 @@ def hookd_factory(nixenv: NixEnv, tmp_path: Path) -> Iterator[HookdFactory]:
     yield make
     for p in started:
         p.stop()
+        p.log_file.unlink(missing_ok=True)
     shutil.rmtree(state, ignore_errors=True)

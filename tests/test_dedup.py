@@ -9,7 +9,10 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from hookd import narinfo
 from hookd.planner import IDENTITY_KEY
@@ -85,14 +88,22 @@ class S3Cache:
             time.sleep(0.1)
 
 
+@pytest.fixture
+def cache(s3server: S3Server, tmp_path: Path) -> Iterator[S3Cache]:
+    """A fresh bucket on each S3 server, written through a proxy that counts requests (stopped however the
+    test ends)."""
+    cache = S3Cache(s3server, tmp_path)
+    yield cache
+    cache.proxy.stop()
+
+
 def start(hookd_factory: HookdFactory, cache: S3Cache, **env: str) -> HookdProcess:
     return hookd_factory(args=("--cache", cache.url), env={**cache.env, **env})
 
 
 def test_rebuilding_an_uploaded_closure_puts_nothing(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, cache: S3Cache
 ) -> None:
-    cache = S3Cache(s3server, tmp_path)
     hookd = start(hookd_factory, cache)
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     salt = str(time.time_ns())
@@ -107,20 +118,18 @@ def test_rebuilding_an_uploaded_closure_puts_nothing(
     assert again == outs
     wait_idle(hookd)
     assert len(cache.writes()) == writes_before, cache.writes()[writes_before:]
-    cache.proxy.stop()
 
 
 def test_an_emptied_bucket_is_refilled(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, cache: S3Cache
 ) -> None:
-    cache = S3Cache(s3server, tmp_path)
     hookd = start(hookd_factory, cache)
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     outs = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
     closure = nixenv.closure(outs)
     cache.wait_for(closure, hookd)
     assert IDENTITY_KEY in cache.objects()
-    c = s3server.client()
+    c = cache.server.client()
     for key in cache.objects():  # someone empties the throwaway bucket behind hookd's back
         c.delete_object(Bucket=cache.bucket, Key=key)
     assert cache.objects() == set()
@@ -129,11 +138,10 @@ def test_an_emptied_bucket_is_refilled(
     assert {"nix-cache-info", IDENTITY_KEY} <= cache.objects()
     assert "new identity" in hookd.log()
     nixenv.substitute_fresh(outs, cache.read_url, hookd.public_key, tmp_path / "fresh")
-    cache.proxy.stop()
 
 
 def test_upstream_paths_are_skipped(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, nginx: Nginx, s3server: S3Server
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, nginx: Nginx, cache: S3Cache
 ) -> None:
     from click.testing import CliRunner
 
@@ -146,7 +154,6 @@ def test_upstream_paths_are_skipped(
     (nginx.root / sub).mkdir()
     up_proxy = FaultProxy(tmp_path, nginx.url)
     upstream_url = f"{up_proxy.url}/{sub}"
-    cache = S3Cache(s3server, tmp_path)
 
     hookd = hookd_factory(start=False)  # not yet: the builds below spool their requests
     hookd.start()
@@ -189,13 +196,11 @@ def test_upstream_paths_are_skipped(
         env=env, check=True, capture_output=True,
     )  # fmt: skip
     up_proxy.stop()
-    cache.proxy.stop()
 
 
 def test_dedup_hit_refreshes_age_at_most_once_per_interval(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, cache: S3Cache
 ) -> None:
-    cache = S3Cache(s3server, tmp_path)
     hookd = start(hookd_factory, cache, HOOKD_REFRESH_INTERVAL="4")
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     [top] = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
@@ -220,4 +225,3 @@ def test_dedup_hit_refreshes_age_at_most_once_per_interval(
     assert copies() == uploads + 1
     assert cache.last_modified(key) > first
     assert hookd.log().count("refreshed the age") == 1
-    cache.proxy.stop()
