@@ -93,14 +93,18 @@ class Intake:
         self._server = await asyncio.start_unix_server(self._handle, sock=sock, limit=protocol.MAX_LINE + 1)
 
     def _bind_socket(self) -> socket.socket:
+        """Bound under a temporary name, given its group and mode, listening, and only then renamed into
+        place: whoever finds the path (a hook, the tests' readiness check) can connect. The path used to
+        appear at bind(), before listen(), and a connection in between was refused."""
         path = self.cfg.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
+        new = path.with_name(path.name + "~")
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            new.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            sock.bind(str(path))
+            sock.bind(str(new))
         finally:
             os.umask(old)
         if self.cfg.socket_group:
@@ -111,9 +115,10 @@ class Intake:
             except KeyError:
                 sock.close()
                 raise DaemonError(f"socket_group {self.cfg.socket_group!r} does not exist") from None
-            os.chown(path, -1, gid)
-        os.chmod(path, 0o660)
+            os.chown(new, -1, gid)
+        os.chmod(new, 0o660)
         sock.listen(128)
+        os.replace(new, path)  # also replaces the socket a killed daemon left behind
         return sock
 
     async def stop(self) -> None:

@@ -13,7 +13,7 @@ import pytest
 from hookd import selftest
 from hookd.selftest import HookdProcess, NixEnv
 
-from .servers import Moto, Nginx
+from .servers import Moto, Nginx, Radosgw, S3Server
 
 VECTORS = Path(__file__).resolve().parent / "vectors"  # made by real Nix 2.8.0; see its README
 
@@ -70,6 +70,24 @@ def moto(servers_dir: Path) -> Iterator[Moto]:
 
 
 @pytest.fixture(scope="session")
+def radosgw(servers_dir: Path) -> Iterator[Radosgw]:
+    """Ceph's radosgw on a throw-away one-node cluster on 127.0.0.1 (a real S3 server; ~1-3 s to start)."""
+    server = Radosgw(servers_dir)
+    yield server
+    server.stop()
+
+
+S3_SERVERS = ["moto", "radosgw"]
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3server(request: pytest.FixtureRequest) -> S3Server:
+    """Each S3 test runs against every S3 server: moto (AWS's behaviour as modelled) and radosgw (a real one)."""
+    server: S3Server = request.getfixturevalue(request.param)
+    return server
+
+
+@pytest.fixture(scope="session")
 def nginx(servers_dir: Path) -> Iterator[Nginx]:
     """nginx with WebDAV PUT/DELETE on 127.0.0.1, serving servers_dir/www."""
     server = Nginx(servers_dir, servers_dir / "www")
@@ -79,7 +97,8 @@ def nginx(servers_dir: Path) -> Iterator[Nginx]:
 
 @pytest.fixture
 def hookd_factory(nixenv: NixEnv, tmp_path: Path) -> Iterator[HookdFactory]:
-    """Start hookd daemons on the state directory the hook talks to; each test gets fresh state."""
+    """Start hookd daemons on the state directory the hook talks to; each test gets fresh state, and a fresh
+    log (tests count lines in it: one test's lines must not count in the next)."""
     state = nixenv.root / "hookd"
     shutil.rmtree(state, ignore_errors=True)
     started: list[HookdProcess] = []
@@ -99,4 +118,5 @@ def hookd_factory(nixenv: NixEnv, tmp_path: Path) -> Iterator[HookdFactory]:
     yield make
     for p in started:
         p.stop()
+        p.log_file.unlink(missing_ok=True)
     shutil.rmtree(state, ignore_errors=True)

@@ -32,6 +32,7 @@ HOP = {
     "content-length",
     "expect",
 }
+AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 S3_SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
@@ -90,7 +91,14 @@ class Proxy:
             headers["Content-Length"] = str(request.content_length)
         data = request.content if request.can_read_body else None
         async with self.session.request(
-            request.method, self.upstream + request.path_qs, data=data, headers=headers, allow_redirects=False
+            request.method,
+            self.upstream + request.path_qs,
+            data=data,
+            headers=headers,
+            allow_redirects=False,
+            # Forward the client's headers only: Ceph 20's radosgw refuses a request whose Content-Type was
+            # not signed, and aiohttp would add one to a body sent without.
+            skip_auto_headers=AUTO_HEADERS,
         ) as up:
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP}
             resp = web.StreamResponse(status=up.status, headers=out_headers)

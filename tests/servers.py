@@ -1,15 +1,18 @@
-"""Real servers for the backend tests, started on 127.0.0.1: moto's S3 server, nginx with WebDAV, and
-the fault proxy. Each runs as a subprocess and is stopped by its fixture."""
+"""Real servers for the backend tests, started on 127.0.0.1: moto's S3 server, Ceph's radosgw, nginx with
+WebDAV, and the fault proxy. Each runs as a subprocess and is stopped by its fixture."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,15 +56,11 @@ class Process:
         stop_group(self.proc)
 
 
-class Moto(Process):
-    def __init__(self, workdir: Path) -> None:
-        port = free_port()
-        super().__init__(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            port,
-            "moto S3 server",
-            workdir / "moto.log",
-        )
+class S3Server:
+    """What the tests ask of an S3 server: its endpoint, a boto3 client, and buckets anyone may read."""
+
+    name = "s3"
+    url: str
 
     def client(self):  # type: ignore[no-untyped-def]
         import boto3
@@ -96,6 +95,131 @@ class Moto(Process):
         for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket):
             out += [o["Key"] for o in page.get("Contents", [])]
         return out
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class Moto(Process, S3Server):
+    name = "moto"
+
+    def __init__(self, workdir: Path) -> None:
+        port = free_port()
+        super().__init__(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            port,
+            "moto S3 server",
+            workdir / "moto.log",
+        )
+
+
+CEPH_CONF = """
+[global]
+fsid = {fsid}
+mon_host = v2:127.0.0.1:{mon_port}
+public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
+# a throw-away cluster on loopback: no authentication, so no keyrings to make. radosgw hangs talking to a
+# monitor without "crc secure" here when auth is none.
+auth_cluster_required = none
+auth_service_required = none
+auth_client_required = none
+ms_mon_client_mode = crc secure
+keyring = /dev/null
+run_dir = {dir}/run
+admin_socket = {dir}/run/$name.asok
+log_file = {dir}/log/$name.log
+pid_file = {dir}/run/$name.pid
+mon_data = {dir}/mon
+osd_data = {dir}/osd
+# one OSD holding everything in memory; no manager
+osd_objectstore = memstore
+# radosgw's object classes (Ceph 20 in Debian defaults to a path relative to the OSD's working directory)
+osd_class_dir = {classes}
+memstore_device_bytes = 4294967296
+osd_pool_default_size = 1
+osd_pool_default_min_size = 1
+# few placement groups per pool (radosgw makes ~8 pools; one OSD takes 250 at most), and no autoscaler to set
+# them (Ceph 20 would otherwise create each pool with 1)
+osd_pool_default_pg_num = 8
+osd_pool_default_pg_autoscale_mode = off
+osd_crush_chooseleaf_type = 0
+mon_allow_pool_size_one = true
+mon_warn_on_pool_no_redundancy = false
+mon_data_avail_warn = 1
+mon_data_avail_crit = 0
+# the default 1 s between proposals makes the ~12 map changes of a first start take 13 s instead of 1 s
+paxos_propose_interval = 0.01
+
+[client.rgw]
+rgw_frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw_data = {dir}/rgw
+"""
+
+
+class Radosgw(S3Server):
+    """Ceph's S3 gateway on a throw-away one-node cluster (one monitor, one in-memory OSD), all on
+    127.0.0.1: a real S3 implementation, with its own ideas about ETags, errors and multipart uploads."""
+
+    name = "radosgw"
+
+    def __init__(self, workdir: Path) -> None:
+        for tool in ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph"):
+            if not shutil.which(tool):
+                pytest.fail(f"{tool} is not installed (run .ci/setup: radosgw ceph-mon ceph-osd)", pytrace=False)
+        d = self.dir = workdir / "ceph"
+        for sub in ("mon", "osd", "run", "log", "rgw"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        mon_port, self.port = free_port(), free_port()
+        conf = self.conf = d / "ceph.conf"
+        fsid = str(uuid.uuid4())
+        classes = glob.glob("/usr/lib/*/rados-classes") + glob.glob("/usr/lib*/rados-classes")
+        if not classes:
+            pytest.fail("Ceph's rados-classes are not installed (run .ci/setup)", pytrace=False)
+        conf.write_text(CEPH_CONF.format(fsid=fsid, mon_port=mon_port, rgw_port=self.port, dir=d, classes=classes[0]))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            self._run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{mon_port}]",
+                      str(d / "monmap"))  # fmt: skip
+            self._run("ceph-mon", "--mkfs", "-i", "a", "--monmap", str(d / "monmap"))
+            mon = self._daemon("ceph-mon", "-i", "a")
+            wait_port(mon_port, mon, "ceph-mon")
+            osd_uuid = str(uuid.uuid4())
+            self._run("ceph", "--connect-timeout", "30", "osd", "new", osd_uuid)
+            self._run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
+            self._daemon("ceph-osd", "-i", "0")
+            rgw = self._daemon("radosgw", "-n", "client.rgw")
+            wait_port(self.port, rgw, "radosgw", timeout=60)
+            self._run("radosgw-admin", "-n", "client.admin", "user", "create", "--uid", "hookd-test",
+                      "--display-name", "hookd tests", "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY)  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:  # type: ignore[override]
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self, *argv: str) -> None:
+        with open(self.dir / "log" / "setup.log", "ab") as log:
+            done = subprocess.run([argv[0], "-c", str(self.conf), *argv[1:]], stdout=log, stderr=log, timeout=60)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(argv)} exited {done.returncode} (see {self.dir / 'log'})")
+
+    def _daemon(self, *argv: str) -> subprocess.Popen[bytes]:
+        with open(self.dir / "log" / f"{argv[0]}.out", "ab") as out:
+            proc = subprocess.Popen(
+                [argv[0], "-f", "-c", str(self.conf), *argv[1:]], stdout=out, stderr=out, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        """SIGKILL: the cluster's data lives in memory and goes with it, and radosgw takes ~4 s to obey SIGTERM."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 NGINX_CONF = """

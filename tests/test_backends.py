@@ -1,5 +1,5 @@
-"""Each backend against a real server (file system, moto's S3 server, nginx WebDAV), directly and
-through a proxy that injects faults."""
+"""Each backend against a real server (file system, moto's S3 server, Ceph's radosgw, nginx WebDAV), directly
+and through a proxy that injects faults."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from hookd.backends import Backend, Blob, PermanentBackendError, open_backend
 from hookd.backends.retry import AdaptiveRate, parse_retry_after
 from hookd.config import Config
 
-from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto, Nginx
+from .conftest import S3_SERVERS
+from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Nginx, S3Server
 
 
 @pytest.fixture
@@ -27,10 +28,10 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
-def s3_url(moto: Moto, endpoint: str | None = None, prefix: str = "") -> tuple[str, str]:
+def s3_url(server: S3Server, endpoint: str | None = None, prefix: str = "") -> tuple[str, str]:
     bucket = f"hookd-{uuid.uuid4().hex[:12]}"
-    moto.make_bucket(bucket)
-    return bucket, f"s3://{bucket}{prefix}?endpoint={endpoint or moto.url}&region=us-east-1&addressing=path"
+    server.make_bucket(bucket)
+    return bucket, f"s3://{bucket}{prefix}?endpoint={endpoint or server.url}&region=us-east-1&addressing=path"
 
 
 def http_url(nginx: Nginx, base: str | None = None) -> str:
@@ -39,18 +40,19 @@ def http_url(nginx: Nginx, base: str | None = None) -> str:
     return f"{base or nginx.url}/{sub}"
 
 
-@pytest.fixture(params=["file", "s3", "http", "s3-faults", "http-faults"])
-async def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, moto: Moto, nginx: Nginx, aws_env: None
-) -> AsyncIterator[Backend]:
+@pytest.fixture(params=["file", "moto", "radosgw", "http", "moto-faults", "radosgw-faults", "http-faults"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path, aws_env: None) -> AsyncIterator[Backend]:
     kind = request.param
+    server_name = kind.removesuffix("-faults")
     cfg = Config(multipart_threshold=5 << 20, part_size=5 << 20, request_attempts=10)
     if kind == "file":
         url = f"file://{tmp_path / 'cache'}"
-    elif kind.startswith("s3"):
-        proxy = FaultProxy(tmp_path, moto.url, 0.2, s3=True) if kind.endswith("faults") else None
-        _, url = s3_url(moto, proxy.url if proxy else None, prefix="/some/prefix")
+    elif server_name in S3_SERVERS:
+        s3: S3Server = request.getfixturevalue(server_name)
+        proxy = FaultProxy(tmp_path, s3.url, 0.2, s3=True) if kind.endswith("faults") else None
+        _, url = s3_url(s3, proxy.url if proxy else None, prefix="/some/prefix")
     else:
+        nginx: Nginx = request.getfixturevalue("nginx")
         proxy = FaultProxy(tmp_path, nginx.url, 0.2) if kind.endswith("faults") else None
         url = http_url(nginx, proxy.url if proxy else None)
     be = open_backend(url, cfg)
@@ -101,13 +103,14 @@ async def test_round_trip(backend: Backend, tmp_path: Path) -> None:
     assert not await backend.exists("nar/small.nar.zst")
 
 
-@pytest.mark.parametrize("kind", ["s3", "http"])
+@pytest.mark.parametrize("kind", [*S3_SERVERS, "nginx"])
 async def test_a_read_cut_mid_body_starts_again(
-    kind: str, tmp_path: Path, moto: Moto, nginx: Nginx, aws_env: None
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, aws_env: None
 ) -> None:
     """The consumer sees a fresh stream after a cut, never the half it already had twice."""
-    proxy = FaultProxy(tmp_path, moto.url if kind == "s3" else nginx.url, 0.5, s3=kind == "s3")
-    url = s3_url(moto, proxy.url)[1] if kind == "s3" else http_url(nginx, proxy.url)
+    server: S3Server | Nginx = request.getfixturevalue(kind)
+    proxy = FaultProxy(tmp_path, server.url, 0.5, s3=isinstance(server, S3Server))
+    url = s3_url(server, proxy.url)[1] if isinstance(server, S3Server) else http_url(server, proxy.url)
     be = open_backend(url, Config(request_attempts=30))
     data = os.urandom(3 << 20)
     await be.put_stream("nar/x.nar", Blob(len(data), data=data), "application/x-nix-nar")
@@ -129,9 +132,9 @@ async def test_a_read_cut_mid_body_starts_again(
     assert cuts and starts == 12 + len(cuts)
 
 
-async def test_s3_multipart_parts_and_content_types(tmp_path: Path, moto: Moto, aws_env: None) -> None:
-    proxy = FaultProxy(tmp_path, moto.url)
-    bucket, url = s3_url(moto, proxy.url)
+async def test_s3_multipart_parts_and_content_types(tmp_path: Path, s3server: S3Server, aws_env: None) -> None:
+    proxy = FaultProxy(tmp_path, s3server.url)
+    bucket, url = s3_url(s3server, proxy.url)
     be = open_backend(url, Config(multipart_threshold=5 << 20, part_size=5 << 20))
     big = tmp_path / "big"
     big.write_bytes(os.urandom((21 << 20) + 1))
@@ -140,16 +143,16 @@ async def test_s3_multipart_parts_and_content_types(tmp_path: Path, moto: Moto, 
     await be.close()
     parts = {r["path"] for r in proxy.records() if r["method"] == "PUT" and "partNumber=" in str(r["path"])}
     assert len(parts) == 5
-    head = moto.client().head_object(Bucket=bucket, Key="nar/x.nar")
+    head = s3server.client().head_object(Bucket=bucket, Key="nar/x.nar")
     assert head["ContentType"] == "application/x-nix-nar" and "ContentEncoding" not in head
-    assert moto.client().head_object(Bucket=bucket, Key="x.narinfo")["ContentType"] == "text/x-nix-narinfo"
+    assert s3server.client().head_object(Bucket=bucket, Key="x.narinfo")["ContentType"] == "text/x-nix-narinfo"
     proxy.stop()
 
 
-async def test_s3_failed_multipart_is_aborted(tmp_path: Path, moto: Moto, aws_env: None) -> None:
+async def test_s3_failed_multipart_is_aborted(tmp_path: Path, s3server: S3Server, aws_env: None) -> None:
     """Parts fail for good (the retry budget is one try): the upload is aborted, nothing lingers."""
-    proxy = FaultProxy(tmp_path, moto.url, rate=0.25, s3=True, seed=7)
-    bucket, url = s3_url(moto, proxy.url)
+    proxy = FaultProxy(tmp_path, s3server.url, rate=0.25, s3=True, seed=7)
+    bucket, url = s3_url(s3server, proxy.url)
     big = tmp_path / "big"
     big.write_bytes(os.urandom(30 << 20))
     failures = 0
@@ -171,7 +174,7 @@ async def test_s3_failed_multipart_is_aborted(tmp_path: Path, moto: Moto, aws_en
     lost = [
         r for r in proxy.records() if r["method"] == "POST" and "uploads" in str(r["path"]) and r["status"] == "reset"
     ]
-    assert len(moto.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == len(lost)
+    assert len(s3server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == len(lost)
     proxy.stop()
 
 

@@ -9,14 +9,17 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from hookd import narinfo
 from hookd.planner import IDENTITY_KEY
 from hookd.selftest import CHAIN_NIX, HookdProcess, NixEnv
 
 from .conftest import HookdFactory
-from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto, Nginx
+from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Nginx, S3Server
 
 ALL_OUTPUTS = ["top", "multi.out", "multi.dev", "multi.doc"]
 
@@ -55,23 +58,23 @@ def wait_idle(hookd: HookdProcess, timeout: float = 60) -> None:
 
 
 class S3Cache:
-    def __init__(self, moto: Moto, tmp: Path, delay_ms: float = 0.0) -> None:
-        self.moto = moto
+    def __init__(self, server: S3Server, tmp: Path, delay_ms: float = 0.0) -> None:
+        self.server = server
         self.bucket = f"hookd-{uuid.uuid4().hex[:12]}"
-        moto.make_bucket(self.bucket)
-        self.proxy = FaultProxy(tmp, moto.url, delay_ms=delay_ms)
+        server.make_bucket(self.bucket)
+        self.proxy = FaultProxy(tmp, server.url, delay_ms=delay_ms)
         self.url = f"s3://{self.bucket}?endpoint={self.proxy.url}&region=us-east-1&addressing=path"
-        self.read_url = f"{moto.url}/{self.bucket}"
+        self.read_url = f"{server.url}/{self.bucket}"
         self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 
     def objects(self) -> set[str]:
-        return set(self.moto.keys(self.bucket))
+        return set(self.server.keys(self.bucket))
 
     def writes(self) -> list[dict[str, object]]:
         return [r for r in self.proxy.records() if r["method"] in ("PUT", "POST", "DELETE")]
 
     def last_modified(self, key: str) -> float:
-        return float(self.moto.client().head_object(Bucket=self.bucket, Key=key)["LastModified"].timestamp())
+        return float(self.server.client().head_object(Bucket=self.bucket, Key=key)["LastModified"].timestamp())
 
     def wait_for(self, paths: list[str], hookd: HookdProcess, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -85,14 +88,22 @@ class S3Cache:
             time.sleep(0.1)
 
 
+@pytest.fixture
+def cache(s3server: S3Server, tmp_path: Path) -> Iterator[S3Cache]:
+    """A fresh bucket on each S3 server, written through a proxy that counts requests (stopped however the
+    test ends)."""
+    cache = S3Cache(s3server, tmp_path)
+    yield cache
+    cache.proxy.stop()
+
+
 def start(hookd_factory: HookdFactory, cache: S3Cache, **env: str) -> HookdProcess:
     return hookd_factory(args=("--cache", cache.url), env={**cache.env, **env})
 
 
 def test_rebuilding_an_uploaded_closure_puts_nothing(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, cache: S3Cache
 ) -> None:
-    cache = S3Cache(moto, tmp_path)
     hookd = start(hookd_factory, cache)
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     salt = str(time.time_ns())
@@ -107,20 +118,18 @@ def test_rebuilding_an_uploaded_closure_puts_nothing(
     assert again == outs
     wait_idle(hookd)
     assert len(cache.writes()) == writes_before, cache.writes()[writes_before:]
-    cache.proxy.stop()
 
 
 def test_an_emptied_bucket_is_refilled(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, cache: S3Cache
 ) -> None:
-    cache = S3Cache(moto, tmp_path)
     hookd = start(hookd_factory, cache)
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     outs = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
     closure = nixenv.closure(outs)
     cache.wait_for(closure, hookd)
     assert IDENTITY_KEY in cache.objects()
-    c = moto.client()
+    c = cache.server.client()
     for key in cache.objects():  # someone empties the throwaway bucket behind hookd's back
         c.delete_object(Bucket=cache.bucket, Key=key)
     assert cache.objects() == set()
@@ -129,7 +138,6 @@ def test_an_emptied_bucket_is_refilled(
     assert {"nix-cache-info", IDENTITY_KEY} <= cache.objects()
     assert "new identity" in hookd.log()
     nixenv.substitute_fresh(outs, cache.read_url, hookd.public_key, tmp_path / "fresh")
-    cache.proxy.stop()
 
 
 BURST_NIX = r"""
@@ -148,12 +156,12 @@ in builtins.genList (i: mk "burst-leaf-${toString i}" [ shared base ]) 12
 
 
 def test_a_burst_sharing_references_uploads_each_path_once(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
 ) -> None:
     """Twelve builds in a burst, all referring to the same two paths, each with its own hook request:
     a plan that found a shared path missing while its upload ran must not queue it again (issue 12,
     defect 2). Every request is slowed by a proxy, which widens exactly that window."""
-    cache = S3Cache(moto, tmp_path, delay_ms=150)
+    cache = S3Cache(s3server, tmp_path, delay_ms=150)
     hookd = start(hookd_factory, cache, HOOKD_MAX_PARALLEL="4")
     expr = nixenv.write_expr("burst.nix", BURST_NIX)
     leaves = nixenv.build(expr, [], user=build_user, args={"salt": str(time.time_ns())})
@@ -173,7 +181,7 @@ def test_a_burst_sharing_references_uploads_each_path_once(
 
 
 def test_upstream_paths_are_skipped(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, nginx: Nginx, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, nginx: Nginx, cache: S3Cache
 ) -> None:
     from click.testing import CliRunner
 
@@ -186,7 +194,6 @@ def test_upstream_paths_are_skipped(
     (nginx.root / sub).mkdir()
     up_proxy = FaultProxy(tmp_path, nginx.url)
     upstream_url = f"{up_proxy.url}/{sub}"
-    cache = S3Cache(moto, tmp_path)
 
     hookd = hookd_factory(start=False)  # not yet: the builds below spool their requests
     hookd.start()
@@ -229,13 +236,11 @@ def test_upstream_paths_are_skipped(
         env=env, check=True, capture_output=True,
     )  # fmt: skip
     up_proxy.stop()
-    cache.proxy.stop()
 
 
 def test_dedup_hit_refreshes_age_at_most_once_per_interval(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, cache: S3Cache
 ) -> None:
-    cache = S3Cache(moto, tmp_path)
     hookd = start(hookd_factory, cache, HOOKD_REFRESH_INTERVAL="4")
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     [top] = nixenv.build(expr, ["top"], user=build_user, args={"salt": str(time.time_ns())})
@@ -260,4 +265,3 @@ def test_dedup_hit_refreshes_age_at_most_once_per_interval(
     assert copies() == uploads + 1
     assert cache.last_modified(key) > first
     assert hookd.log().count("refreshed the age") == 1
-    cache.proxy.stop()

@@ -47,7 +47,12 @@ def test_systemd_analyze_verify_accepts_every_unit(units: Path) -> None:
     proc = subprocess.run([need("systemd-analyze"), "verify", *sorted(str(p) for p in units.iterdir())],
                           capture_output=True, text=True, cwd=units)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.strip() == "", proc.stderr
+    # Units of other packages that verify loads may warn on a newer systemd (xfsprogs' CPUAccounting= on 262,
+    # where Ceph is installed); ours must not.
+    others = ("/usr/lib/systemd/", "/lib/systemd/", "/etc/systemd/")
+    assert [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(others)] == [], (
+        proc.stderr
+    )
 
 
 def test_service_exposure_is_at_most_2(units: Path) -> None:

@@ -1,5 +1,5 @@
-"""End to end through S3 (moto) and an HTTP cache (nginx WebDAV), with a proxy in front of each that
-fails about a fifth of all requests: every path still lands intact, Nix substitutes the results with
+"""End to end through S3 (moto and Ceph's radosgw) and an HTTP cache (nginx WebDAV), with a proxy in front of each
+that fails about a fifth of all requests: every path still lands intact, Nix substitutes the results with
 signatures required, and no narinfo was ever visible before its NAR and its references."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ import pytest
 from hookd import narinfo
 from hookd.selftest import CHAIN_NIX, HookdProcess, NixEnv
 
-from .conftest import HookdFactory
-from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto, Nginx
+from .conftest import S3_SERVERS, HookdFactory
+from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Nginx, S3Server
 
 ALL_OUTPUTS = ["top", "multi.out", "multi.dev", "multi.doc"]
 
@@ -40,30 +41,30 @@ def ok(record: dict[str, object]) -> bool:
 class RemoteCache:
     """One cache behind a fault proxy: where hookd uploads and where Nix reads."""
 
-    def __init__(self, kind: str, moto: Moto, nginx: Nginx, tmp: Path, rate: float) -> None:
-        self.kind = kind
+    def __init__(self, server: S3Server | Nginx, tmp: Path, rate: float) -> None:
+        self.kind = "s3" if isinstance(server, S3Server) else "http"
         self.env: dict[str, str] = {}
-        if kind == "s3":
+        if isinstance(server, S3Server):
             self.bucket = f"hookd-{uuid.uuid4().hex[:12]}"
-            moto.make_bucket(self.bucket)
-            self.proxy = FaultProxy(tmp, moto.url, rate, s3=True)
+            server.make_bucket(self.bucket)
+            self.proxy = FaultProxy(tmp, server.url, rate, s3=True)
             creds = tmp / "aws-credentials"
             creds.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
             self.upload_url = (
                 f"s3://{self.bucket}?endpoint={self.proxy.url}&region=us-east-1&addressing=path"
                 f"&credentials-file={creds}"
             )
-            self.read_url = f"{moto.url}/{self.bucket}"
+            self.read_url = f"{server.url}/{self.bucket}"
             self.prefix = f"/{self.bucket}/"
         else:
             sub = uuid.uuid4().hex[:12]
-            (nginx.root / sub).mkdir()
-            self.proxy = FaultProxy(tmp, nginx.url, rate)
+            (server.root / sub).mkdir()
+            self.proxy = FaultProxy(tmp, server.url, rate)
             self.token = f"tok-{uuid.uuid4().hex}"
             (tmp / "token").write_text(self.token)
             self.env["HOOKD_HTTP_TOKEN_FILE"] = str(tmp / "token")
             self.upload_url = f"{self.proxy.url}/{sub}"
-            self.read_url = f"{nginx.url}/{sub}"
+            self.read_url = f"{server.url}/{sub}"
             self.prefix = f"/{sub}/"
 
     def has(self, key: str) -> bool:
@@ -117,9 +118,9 @@ class RemoteCache:
         return Counter(str(r["fault"]) for r in self.proxy.records() if r["fault"])
 
 
-@pytest.fixture(params=["s3", "http"])
-def remote(request: pytest.FixtureRequest, moto: Moto, nginx: Nginx, tmp_path: Path) -> RemoteCache:
-    cache = RemoteCache(request.param, moto, nginx, tmp_path, rate=0.2)
+@pytest.fixture(params=[*S3_SERVERS, "nginx"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RemoteCache]:
+    cache = RemoteCache(request.getfixturevalue(request.param), tmp_path, rate=0.2)
     yield cache
     cache.proxy.stop()
 
@@ -154,9 +155,9 @@ def test_remote_end_to_end_with_faults(
 
 
 def test_s3_multipart_nar_substitutes(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, moto: Moto, nginx: Nginx
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, s3server: S3Server
 ) -> None:
-    remote = RemoteCache("s3", moto, nginx, tmp_path, rate=0.1)
+    remote = RemoteCache(s3server, tmp_path, rate=0.1)
     try:
         hookd = start(
             hookd_factory,

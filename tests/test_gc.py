@@ -24,6 +24,7 @@ from hookd.verify import Inflater
 
 from .cachegen import synthetic, write_tree
 from .conftest import FAST_BOUNDS, HookdFactory
+from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, S3Server
 
 NOW = 1_000_000_000.0
 DAY = 86400.0
@@ -179,19 +180,18 @@ async def test_the_index_reads_each_narinfo_once(tmp_path: Path) -> None:
     await backend.close()
 
 
-async def test_the_index_takes_mtimes_from_the_listing_on_s3(moto: object, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_index_takes_mtimes_from_the_listing_on_s3(
+    s3server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A dedup hit on S3 copies the narinfo onto itself: a new mtime, the same ETag, nothing to re-read."""
-    from .servers import ACCESS_KEY, SECRET_KEY, Moto
-
-    assert isinstance(moto, Moto)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     bucket = f"index-{time.time_ns()}"
-    moto.make_bucket(bucket)
-    client = moto.client()
+    s3server.make_bucket(bucket)
+    client = s3server.client()
     for key, data in synthetic(5, salt=bucket):
         client.put_object(Bucket=bucket, Key=key, Body=data)
-    url = f"s3://{bucket}?endpoint={moto.url}&region=us-east-1&addressing=path"
+    url = f"s3://{bucket}?endpoint={s3server.url}&region=us-east-1&addressing=path"
     backend = open_backend(url, Config(cache=url))
     index = gc.NarinfoIndex(None)  # kept in memory
     first = await gc.snapshot(backend, index)
@@ -469,7 +469,7 @@ def test_uploads_while_gc_runs_again_and_again(
     hookd_factory: HookdFactory,
     build_user: str,
     tmp_path: Path,
-    moto: object,
+    s3server: S3Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two uploader daemons (own state directories) build and upload continuously into one bucket while
@@ -483,14 +483,12 @@ def test_uploads_while_gc_runs_again_and_again(
 
     from hookd.selftest import HookdProcess
 
-    from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto
     from .test_dedup import enqueue, wait_idle
 
-    assert isinstance(moto, Moto)
     bucket = f"hookd-{uuid.uuid4().hex[:12]}"
-    moto.make_bucket(bucket)
-    url = f"s3://{bucket}?endpoint={moto.url}&region=us-east-1&addressing=path"
-    proxy = FaultProxy(tmp_path, moto.url, 0.0, delay_ms=200, s3=True)
+    s3server.make_bucket(bucket)
+    url = f"s3://{bucket}?endpoint={s3server.url}&region=us-east-1&addressing=path"
+    proxy = FaultProxy(tmp_path, s3server.url, 0.0, delay_ms=200, s3=True)
     gc_url = f"s3://{bucket}?endpoint={proxy.url}&region=us-east-1&addressing=path"
     env = {
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
@@ -568,4 +566,4 @@ def test_uploads_while_gc_runs_again_and_again(
     code, text = invoke("verify", "--cache", url, "--config", "/dev/null")
     assert code == 0, text
     keys = f"{a.public_key} {(tmp_path / 'b.pub').read_text().strip()}"
-    nixenv.substitute_fresh([tops[0], tops[-1]], f"{moto.url}/{bucket}", keys, tmp_path / "fresh")
+    nixenv.substitute_fresh([tops[0], tops[-1]], f"{s3server.url}/{bucket}", keys, tmp_path / "fresh")
