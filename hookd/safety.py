@@ -34,7 +34,7 @@ What GC does (`gc.py`; the pure rules in `gc.SweepState`):
 4. Then the listings and logs of the narinfos it deleted.
 Every delete is sent at most `check_to_delete` after the stat that found the object old, with a
 total timeout of `request_timeout`; otherwise the delete is given up (the object is spared). No stat
-is made later than `grace/4` after the listing began: past that the sweep stops and spares the rest.
+is made later than `grace/2 - R` after the listing began: past that the sweep stops and spares the rest.
 
 Why it holds. Say an uploader starts a write or touch of object O at time t (real time) and relies
 on O when it publishes P, sent before t + grace/2 and landing before t + grace/2 + R.
@@ -46,7 +46,7 @@ on O when it publishes P, sent before t + grace/2 and landing before t + grace/2
   before the touch's completion + `settle`; the uploader's existence check comes after that, sees
   O gone and does not publish. (b): a GC run whose listing contains P marks O through P (P is young
   for a whole grace after it lands); a run whose listing began before P landed, so before
-  t + grace/2 + R, makes its last stat by its start + grace/4 < t + 3·grace/4 + R < t + grace.
+  t + grace/2 + R, makes its last stat by its start + grace/2 - R < t + grace.
 - Referrers first makes "spared means the closure is spared" sound: a reference is deleted only
   after each of its referrers in the listing has been deleted; a referrer found young is a root.
 - NARs are decided after every narinfo, against the narinfos that remain; a NAR of a narinfo
@@ -62,7 +62,7 @@ The timing assumptions, each named and enforced:
   existence check.
 - `max_skew`: GC measures the bucket's clock against its own when it takes its lease (the lease
   object's last-modified time) and refuses to run if they differ by more.
-- `grace/2` (uploader) and `grace/4` (GC): the windows above; `Bounds.check` refuses settings under
+- `grace/2` (uploader) and `grace/2 - R` (GC): the windows above; `Bounds.check` refuses settings under
   which they do not leave room for the requests (R < grace/4, settle + 3R < grace/2: a touch, the
   existence check and the publish).
 Uploaders never compare the bucket's clock with theirs: an object someone else wrote is touched
@@ -102,7 +102,7 @@ class Bounds:
     @property
     def sweep_window(self) -> float:
         """How long after its listing began a GC may still decide to delete something."""
-        return self.grace / 4
+        return self.grace / 2 - self.request_timeout
 
     def young(self, mtime: float, now: float) -> bool:
         """GC: whether an object modified at `mtime` (the bucket's clock) must be spared at `now` (GC's)."""

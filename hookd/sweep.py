@@ -151,7 +151,9 @@ class Sweeper:
             checked = time.monotonic()
             if obj is None:
                 return Decision.GONE
-            if obj.mtime != listed_mtime or self.bounds.young(obj.mtime, time.time()):
+            # changed since the listing (touched, re-uploaded): a HEAD's time may be the listing's
+            # truncated to the second (radosgw), so only a later second counts as a change
+            if obj.mtime >= listed_mtime + 1.0 or self.bounds.young(obj.mtime, time.time()):
                 self.result.spared += 1
                 return Decision.SPARED
             try:
@@ -208,7 +210,7 @@ async def sweep(
     if sweeper.result.given_up:
         log.warning(
             "GC: %d objects were not checked: the sweep may only decide within %.0fs of its listing "
-            "(a quarter of the grace period); the next run continues",
+            "(half the grace period less gc_request_timeout); the next run continues",
             sweeper.result.given_up, bounds.sweep_window,
         )  # fmt: skip
     return sweeper.result

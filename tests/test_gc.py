@@ -513,6 +513,7 @@ def test_uploads_while_gc_runs_again_and_again(
     deleted: list[int] = []
     outputs: list[str] = []
     checks: list[int] = []
+    reports: list[str] = []
 
     def gc_loop() -> None:
         while not stop.is_set():
@@ -522,6 +523,7 @@ def test_uploads_while_gc_runs_again_and_again(
                 env=gc_env, capture_output=True, text=True,
             )  # fmt: skip
             runs.append(proc.returncode)
+            reports.append(proc.stdout[-600:])
             deleted.extend(int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("deleted "))
             if proc.returncode != 0:
                 outputs.append(proc.stdout + proc.stderr)
@@ -556,7 +558,7 @@ def test_uploads_while_gc_runs_again_and_again(
         stop.set()
         thread.join()
     assert len(runs) >= 5 and not outputs, outputs[:2]
-    assert sum(deleted) > 20, f"the GC runs deleted too little to have raced with anything: {deleted}"
+    assert sum(deleted) > 20, f"the GC runs deleted too little to have raced with anything: {deleted}\n{reports[-1]}"
     assert len(checks) == len(runs) and set(checks) == {0}
     assert any(r.get("method") == "DELETE" for r in proxy.records()), "GC's requests did not go through the proxy"
     for d in (a, b):
