@@ -73,6 +73,7 @@ class Daemon:
         queue = self.queue = await Queue.open(self.cfg.db_path, self.cfg.store_dir)
         planner = Planner(self.cfg, queue, self.store, self.backend, self.metrics)
         scheduler = self.scheduler = Scheduler(self.cfg, queue, self.backend, self.key, self.metrics)
+        planner.on_gone = scheduler.wake.set
         intake = Intake(self.cfg, queue, self.metrics, self.plan_wake.set, self._command, self.stopping)
         try:
             if recovered := await queue.recover():

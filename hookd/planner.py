@@ -118,8 +118,12 @@ class Planner:
         self.gate = asyncio.Semaphore(cfg.existence_concurrency)
         self.identity: str | None = None
         self.new_cache = False  # set when the identity changed; the daemon rewrites nix-cache-info
+        self.on_gone: Callable[[], None] | None = None  # paths were queued again: wake the scheduler
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        for task in list(self._rechecks):
+            task.cancel()
         for u in self.upstreams:
             await u.backend.close()
 
@@ -276,6 +280,25 @@ class Planner:
         await self.queue.record_upstream(answers)
         return {p for p, present in {**cached, **answers}.items() if present}
 
+    async def _recheck(self, paths: list[str]) -> None:
+        """After the settle time, queue again the refreshed paths a GC deleted anyway (safety.py): a path
+        found in the cache was only as good as the GC let it be, until its touch was verified."""
+        await asyncio.sleep(self.cfg.bounds.settle)
+
+        async def check(path: str) -> str | None:
+            async with self.gate:
+                try:
+                    return None if await self.backend.stat(narinfo.narinfo_key(path)) else path
+                except BackendError:
+                    return None  # the next request for it looks again
+
+        gone = [p for p in await asyncio.gather(*(check(p) for p in paths)) if p]
+        if gone:
+            log.warning("%d paths were deleted by a GC right after their refresh: uploading them again", len(gone))
+            await self.queue.forget(gone)
+            if self.on_gone is not None:
+                self.on_gone()
+
     async def refresh(self, paths: Iterable[str]) -> set[str]:
         """Reset the narinfo age of cached paths asked for again, at most once per refresh interval.
 
@@ -297,6 +320,10 @@ class Planner:
         touched = [p for p, ok in results if ok]
         gone = {p for p, ok in results if ok is False}
         await self.queue.mark_refreshed(touched)
+        if touched:  # a GC that checked them before the touch may still delete them: look again later
+            task = asyncio.create_task(self._recheck(touched), name="recheck refreshed paths")
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
         if touched:
             log.info("refreshed the age of %d cached paths asked for again", len(touched))
         if gone:

@@ -141,6 +141,9 @@ class Sweeper:
             if not self.window_open():
                 self.result.given_up += 1
                 return Decision.SPARED
+            # both bounds count from when the check was sent: the bucket may apply it any time before
+            # it answers, and a touch landing just before that must be seen as young
+            checked, checked_wall = time.monotonic(), time.time()
             try:
                 async with asyncio.timeout(self.bounds.request_timeout):
                     obj = await self.backend.stat(key)
@@ -148,12 +151,11 @@ class Sweeper:
                 log.warning("GC: cannot check %s (%s): kept", key, e)
                 self.result.spared += 1
                 return Decision.SPARED
-            checked = time.monotonic()
             if obj is None:
                 return Decision.GONE
             # changed since the listing (touched, re-uploaded): a HEAD's time may be the listing's
             # truncated to the second (radosgw), so only a later second counts as a change
-            if obj.mtime >= listed_mtime + 1.0 or self.bounds.young(obj.mtime, time.time()):
+            if obj.mtime >= listed_mtime + 1.0 or self.bounds.young(obj.mtime, checked_wall):
                 self.result.spared += 1
                 return Decision.SPARED
             try:
