@@ -170,7 +170,7 @@ def test_new_protocol_survives(tmp_path: Path) -> None:
 # violation with this seed within this many samples.
 RULES = {
     "order": (2, 1000),
-    "rootSpared": (4, 1000),
+    "rootSpared": (8, 1000),
     "narsLate": (1, 1000),
     "touchNar": (2, 1000),
     "waitCheck": (2, 1000),
