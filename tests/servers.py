@@ -59,7 +59,6 @@ class Process:
 class S3Server:
     """What the tests ask of an S3 server: its endpoint, a boto3 client, and buckets anyone may read."""
 
-    name = "s3"
     url: str
 
     def client(self):  # type: ignore[no-untyped-def]
@@ -96,13 +95,8 @@ class S3Server:
             out += [o["Key"] for o in page.get("Contents", [])]
         return out
 
-    def stop(self) -> None:
-        raise NotImplementedError
-
 
 class Moto(Process, S3Server):
-    name = "moto"
-
     def __init__(self, workdir: Path) -> None:
         port = free_port()
         super().__init__(
@@ -161,8 +155,6 @@ class Radosgw(S3Server):
     """Ceph's S3 gateway on a throw-away one-node cluster (one monitor, one in-memory OSD), all on
     127.0.0.1: a real S3 implementation, with its own ideas about ETags, errors and multipart uploads."""
 
-    name = "radosgw"
-
     def __init__(self, workdir: Path) -> None:
         for tool in ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph"):
             if not shutil.which(tool):
@@ -170,13 +162,14 @@ class Radosgw(S3Server):
         d = self.dir = workdir / "ceph"
         for sub in ("mon", "osd", "run", "log", "rgw"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        mon_port, self.port = free_port(), free_port()
+        mon_port, rgw_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{rgw_port}"
         conf = self.conf = d / "ceph.conf"
         fsid = str(uuid.uuid4())
         classes = glob.glob("/usr/lib/*/rados-classes") + glob.glob("/usr/lib*/rados-classes")
         if not classes:
             pytest.fail("Ceph's rados-classes are not installed (run .ci/setup)", pytrace=False)
-        conf.write_text(CEPH_CONF.format(fsid=fsid, mon_port=mon_port, rgw_port=self.port, dir=d, classes=classes[0]))
+        conf.write_text(CEPH_CONF.format(fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, dir=d, classes=classes[0]))
         self.procs: list[subprocess.Popen[bytes]] = []
         try:
             self._run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{mon_port}]",
@@ -189,16 +182,12 @@ class Radosgw(S3Server):
             self._run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
             self._daemon("ceph-osd", "-i", "0")
             rgw = self._daemon("radosgw", "-n", "client.rgw")
-            wait_port(self.port, rgw, "radosgw", timeout=60)
+            wait_port(rgw_port, rgw, "radosgw", timeout=60)
             self._run("radosgw-admin", "-n", "client.admin", "user", "create", "--uid", "hookd-test",
                       "--display-name", "hookd tests", "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY)  # fmt: skip
         except BaseException:
             self.stop()
             raise
-
-    @property
-    def url(self) -> str:  # type: ignore[override]
-        return f"http://127.0.0.1:{self.port}"
 
     def _run(self, *argv: str) -> None:
         with open(self.dir / "log" / "setup.log", "ab") as log:
