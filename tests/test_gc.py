@@ -19,7 +19,7 @@ from hookd import gc, narinfo
 from hookd.backends import ObjectStat, open_backend
 from hookd.cli import main
 from hookd.config import Config
-from hookd.selftest import CHAIN_NIX, NixEnv, wait_for_narinfos
+from hookd.selftest import CHAIN_NIX, HookdProcess, NixEnv, wait_for_narinfos
 from hookd.verify import Inflater
 
 from .cachegen import synthetic, write_tree
@@ -476,14 +476,7 @@ def test_uploads_while_gc_runs_again_and_again(
     `hookd gc` with a short grace runs again and again, every GC request delayed 200 ms by a proxy (a
     remote bucket); `hookd verify` passes after every GC run, and at the end the pinned and the newest
     closures substitute with signatures required (issue 12)."""
-    import subprocess
-    import sys
-    import threading
     import uuid
-
-    from hookd.selftest import HookdProcess
-
-    from .test_dedup import enqueue, wait_idle
 
     bucket = f"hookd-{uuid.uuid4().hex[:12]}"
     s3server.make_bucket(bucket)
@@ -506,7 +499,25 @@ def test_uploads_while_gc_runs_again_and_again(
                         str(tmp_path / "b.pub"))  # fmt: skip
     assert code == 0, text
     b = HookdProcess(nixenv, tmp_path / "state-b", url, ("--cache", url, "--secret-key-file", str(b_key)), env)
-    b.start()
+    try:
+        b.start()
+        race_gc(nixenv, build_user, tmp_path, a, b, url, gc_url, env, proxy, s3server, bucket)
+    finally:
+        b.stop()
+        proxy.stop()
+
+
+def race_gc(
+    nixenv: NixEnv, build_user: str, tmp_path: Path, a: HookdProcess, b: HookdProcess, url: str, gc_url: str,
+    env: dict[str, str], proxy: FaultProxy, s3server: S3Server, bucket: str,
+) -> None:  # fmt: skip
+    """The body of test_uploads_while_gc_runs_again_and_again, whose daemon b and proxy it stops."""
+    import subprocess
+    import sys
+    import threading
+
+    from .test_dedup import enqueue, wait_idle
+
     gc_env = dict(os.environ, **env)
     stop = threading.Event()
     runs: list[int] = []
@@ -563,8 +574,6 @@ def test_uploads_while_gc_runs_again_and_again(
     assert any(r.get("method") == "DELETE" for r in proxy.records()), "GC's requests did not go through the proxy"
     for d in (a, b):
         wait_idle(d, timeout=120)
-    b.stop()
-    proxy.stop()
     code, text = invoke("verify", "--cache", url, "--config", "/dev/null")
     assert code == 0, text
     keys = f"{a.public_key} {(tmp_path / 'b.pub').read_text().strip()}"
