@@ -253,25 +253,10 @@ def test_push_wait_on_a_terminal(nixenv: NixEnv, hookd_factory: HookdFactory, bu
     for f in (hookd.state_dir / "spool").glob("*.req"):  # as if these had been substituted, not built
         f.unlink()
     hookd.start()
-    env = dict(os.environ, HOOKD_STATE_DIR=str(hookd.state_dir), HOOKD_CACHE=hookd.cache_url,
-               HOOKD_CONFIG="/dev/null", HOOKD_STORE_DIR=nixenv.store_dir, **nixenv.env)  # fmt: skip
-    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+    env, hookd_bin = push_env(hookd, nixenv)
 
     def on_pty(*args: str) -> tuple[int, str]:
-        master, slave = pty.openpty()
-        proc = subprocess.Popen([hookd_bin, "push", "--wait", *args], stdout=slave, stderr=slave, env=env)
-        os.close(slave)
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        os.close(master)
-        return proc.wait(60), out.decode(errors="replace")
+        return run_on_pty([hookd_bin, "push", "--wait", *args], env)
 
     code, out = on_pty(top)
     assert code == 0, out
@@ -299,9 +284,7 @@ def test_push_a_drv_uploads_its_outputs(nixenv: NixEnv, hookd_factory: HookdFact
     for f in (hookd.state_dir / "spool").glob("*.req"):  # as if they had been substituted, not built
         f.unlink()
     hookd.start()
-    env = dict(os.environ, HOOKD_STATE_DIR=str(hookd.state_dir), HOOKD_CACHE=hookd.cache_url,
-               HOOKD_CONFIG="/dev/null", HOOKD_STORE_DIR=nixenv.store_dir, **nixenv.env)  # fmt: skip
-    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+    env, hookd_bin = push_env(hookd, nixenv)
     proc = subprocess.run([hookd_bin, "push", "--wait", drv], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     uploaded = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("uploaded /")}
@@ -326,23 +309,14 @@ def test_push_wait_follows_its_own_request(
     closure = nixenv.closure([top])
     wait_for_narinfos(cache, closure)
     wait_idle(hookd)
-    env = dict(os.environ, HOOKD_STATE_DIR=str(hookd.state_dir), HOOKD_CACHE=hookd.cache_url,
-               HOOKD_CONFIG="/dev/null", HOOKD_STORE_DIR=nixenv.store_dir, **nixenv.env)  # fmt: skip
-    hookd_bin = os.path.join(os.path.dirname(sys.executable), "hookd")
+    env, hookd_bin = push_env(hookd, nixenv)
     for child in cache.iterdir():  # emptied behind hookd's back
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     for tty in (False, True):
         if tty:
             for child in cache.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-            master, slave = pty.openpty()
-            proc = subprocess.Popen([hookd_bin, "push", "--wait", top], stdout=slave, stderr=slave, env=env)
-            os.close(slave)
-            out = b""
-            while chunk := _read(master):
-                out += chunk
-            os.close(master)
-            code, text = proc.wait(60), out.decode(errors="replace")
+            code, text = run_on_pty([hookd_bin, "push", "--wait", top], env)
         else:
             done = subprocess.run([hookd_bin, "push", "--wait", top], env=env, capture_output=True, text=True,
                                   timeout=60)  # fmt: skip
@@ -367,11 +341,29 @@ def test_push_wait_follows_its_own_request(
     assert top2 in listing, listing
 
 
-def _read(fd: int) -> bytes:
-    try:
-        return os.read(fd, 4096)
-    except OSError:
-        return b""
+def push_env(hookd: HookdProcess, nixenv: NixEnv) -> tuple[dict[str, str], str]:
+    """The environment and the hookd binary for running the CLI as an operator would, beside `hookd`."""
+    env = dict(os.environ, HOOKD_STATE_DIR=str(hookd.state_dir), HOOKD_CACHE=hookd.cache_url,
+               HOOKD_CONFIG="/dev/null", HOOKD_STORE_DIR=nixenv.store_dir, **nixenv.env)  # fmt: skip
+    return env, os.path.join(os.path.dirname(sys.executable), "hookd")
+
+
+def run_on_pty(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run a command on a pseudo-terminal (as a person at a terminal would); its exit status and output."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO once the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(60), out.decode(errors="replace")
 
 
 def test_systemd_notifications(nixenv: NixEnv, hookd_factory: HookdFactory, tmp_path: Path) -> None:
