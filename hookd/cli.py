@@ -525,10 +525,10 @@ def status(config_file: Path | None, as_json: bool) -> None:
     click.echo(
         f"{'cache':10} {cfg.cache or '-'}: {'answers' if cache_error is None else 'DOES NOT ANSWER: ' + cache_error}"
     )
-    uploading = len(d.get("inflight", []))
     click.echo(
-        f"{'queue':10} {c['pending']} pending ({uploading} uploading), {c['failed']} failed, {c['done']} done, "
-        f"{c['upstream']} upstream, {c['dropped']} dropped; {c['requests to plan']} requests to plan"
+        f"{'queue':10} {c['pending']} pending, {c['uploading']} uploading, {c['failed']} failed, "
+        f"{c['blocked']} blocked, {c['done']} done, {c['upstream']} upstream, {c['dropped']} dropped; "
+        f"{c['requests to plan']} requests to plan"
     )
     rates = "  ".join(f"{k}: {v['paths']} paths, {format_size(v['bytes'])}" for k, v in st["uploaded"].items())
     click.echo(f"{'uploaded':10} {rates}")
