@@ -271,10 +271,13 @@ class HookdProcess:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
         while not self.socket.exists():
-            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"hookd daemon did not start:\n{self.log()}")
+            if self.proc is None or self.proc.poll() is not None or time.monotonic() > start + timeout:
+                how = "not started" if self.proc is None else f"exit status {self.proc.poll()}"
+                raise RuntimeError(
+                    f"hookd daemon did not start ({how} after {time.monotonic() - start:.1f} s):\n{self.log()}"
+                )
             time.sleep(0.05)
 
     def log(self) -> str:
