@@ -13,7 +13,7 @@ import enum
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .backends import Backend, ObjectStat
 from .backends.retry import send_before
@@ -119,7 +119,6 @@ class SweepResult:
     bytes: int = 0
     spared: int = 0  # found young, changed, or not deletable within the bounds: kept, with its closure
     given_up: int = 0  # not checked at all: the sweep's window closed first
-    decisions: dict[str, str] = field(default_factory=dict)  # key -> Decision value (narinfos)
 
 
 class Sweeper:
@@ -189,7 +188,6 @@ async def sweep(
     async def decide(row: int) -> None:
         decision = await sweeper.remove(cat.keys[row], cat.mtimes[row])
         state.decide(row, decision)
-        sweeper.result.decisions[cat.keys[row]] = decision.value
 
     running: set[asyncio.Task[None]] = set()
     while not state.done:
