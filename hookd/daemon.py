@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -135,10 +136,8 @@ class Daemon:
             ) from None
         self._lock_fd = fd
         self.cfg.spool_path.mkdir(parents=True, exist_ok=True, mode=0o755)
-        staging = self.cfg.state_dir / "staging"
-        staging.mkdir(exist_ok=True, mode=0o700)
-        for leftover in staging.iterdir():  # staged NARs of a run that was killed
-            leftover.unlink(missing_ok=True)
+        # hookd 0.1 staged NARs here; nothing is staged any more (upload.py streams them)
+        shutil.rmtree(self.cfg.state_dir / "staging", ignore_errors=True)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
