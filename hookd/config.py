@@ -63,7 +63,7 @@ class Config:
     """Connection pool size of a remote backend."""
     multipart_threshold: int = 8 << 20
     part_size: int = 8 << 20
-    part_concurrency: int = 4
+    part_concurrency: int = 2
     """S3: compressed NARs from this size go up as multipart uploads of part_size, this many parts at a
     time, each sent as soon as the stream has filled it."""
     s3_credentials_file: Path | None = None

@@ -9,6 +9,7 @@ scheduler (uploads of ready paths within the limits, outcomes recorded in batche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -70,6 +71,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
+        _return_large_buffers()
         self._prepare_dirs()
         queue = self.queue = await Queue.open(self.cfg.db_path, self.cfg.store_dir)
         planner = Planner(self.cfg, queue, self.store, self.backend, self.metrics)
@@ -195,6 +197,21 @@ class Daemon:
         dropped = await self.queue.drop(list(cmd.args))
         log.info("operator: dropped %d paths: %s", len(dropped), " ".join(dropped[:5]))
         return protocol.ok(json.dumps({"dropped": dropped}))
+
+
+def _return_large_buffers() -> None:
+    """Have glibc map buffers of 1 MiB and more on their own and unmap them when freed.
+
+    Streamed NARs pass through many short-lived buffers of a few MiB (S3 parts, compressed pieces)
+    made by several threads; glibc's adaptive threshold would keep them in per-thread heaps, and the
+    daemon's resident memory would stay at its largest ever (measured: 185 MiB instead of 163 for a
+    512 MiB NAR to S3). No-op elsewhere than glibc.
+    """
+    import ctypes
+
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _log_tasks() -> None:

@@ -63,7 +63,7 @@ class S3Backend(Backend):
         credentials_file: Path | None = None,
         multipart_threshold: int = 8 << 20,
         part_size: int = 16 << 20,
-        part_concurrency: int = 4,
+        part_concurrency: int = 2,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         max_connections: int = 32,
@@ -221,7 +221,7 @@ class S3Backend(Backend):
                 while len(buf) >= part_size:
                     if upload is None:
                         upload = await self._create(key, content_type)
-                    await upload.send(bytes(buf[:part_size]))
+                    await upload.send(bytes(memoryview(buf)[:part_size]))
                     del buf[:part_size]
             if upload is None:
                 await self.put(key, bytes(buf), content_type)
