@@ -174,7 +174,7 @@ class ProgressLine:
 
 def _run(coro: Any) -> Any:
     from .backends import BackendError
-    from .gc import GcError
+    from .catalog import GcError
 
     try:
         return asyncio.run(coro)
@@ -199,11 +199,9 @@ def gc(
 ) -> None:  # fmt: skip
     """Garbage-collect a throwaway cache: keep pins and recent closures, delete the rest safely."""
     import json
-    import time
 
     from . import gc as gcmod
     from .safety import BoundsError
-    from .sweep import sweep
     from .units import format_size, parse_duration, parse_size
 
     setup_logging("warning")
@@ -221,31 +219,13 @@ def gc(
         bounds.check()
     except BoundsError as e:
         raise click.BadParameter(str(e)) from None
-    progress = ProgressLine()
-
-    async def collect() -> dict[str, Any]:
-        try:
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            index = gcmod.NarinfoIndex(gcmod.index_path(cfg.state_dir, backend.url))
-        except OSError:
-            index = gcmod.NarinfoIndex(None)  # no state directory: every narinfo is read
-        snap = await gcmod.snapshot(backend, index, progress)
-        plan = gcmod.plan(snap, now=time.time(), older_than=retention, grace=grace_s, max_size=budget)
-        out = {"cache": backend.url, "dry_run": dry_run, "narinfo_reads": snap.narinfo_reads, **plan.to_json()}
-        if not dry_run:
-            result = await sweep(backend, snap, plan.candidates, bounds, progress)
-            out["deleted"] = {
-                "objects": result.deleted, "bytes": result.bytes, "spared": result.spared,
-                "not_checked": result.given_up,
-            }  # fmt: skip
-        return out
 
     async def go() -> dict[str, Any]:
         try:
-            if dry_run:  # reads only: no lease needed
-                return await collect()
-            async with gcmod.Lease(backend, lease_s, bounds.max_skew):
-                return await collect()
+            return await gcmod.collect(
+                backend, cfg.state_dir, bounds, older_than=retention, max_size=budget, lease=lease_s, dry_run=dry_run,
+                progress=ProgressLine(),
+            )  # fmt: skip
         finally:
             await backend.close()
 
@@ -330,24 +310,24 @@ def verify(
 @config_option
 def pin_cmd(name: str | None, store_path: str | None, list_: bool, cache: str | None, config_file: Path | None) -> None:
     """Pin STORE-PATH (and its closure) in the cache under NAME, so GC keeps it."""
-    from . import gc as gcmod
+    from . import pins
 
     _, backend = _backend(config_file, cache)
 
     async def go() -> Any:
         try:
             if list_:
-                return await gcmod.list_pins(backend)
+                return await pins.list_pins(backend)
             if not name or not store_path:
                 raise click.UsageError("give NAME and STORE-PATH, or --list")
-            await gcmod.pin(backend, name, store_path)
+            await pins.pin(backend, name, store_path)
             return None
         finally:
             await backend.close()
 
-    pins = _run(go())
+    listed = _run(go())
     if list_:
-        for n, p in sorted(pins.items()):
+        for n, p in sorted(listed.items()):
             click.echo(f"{n}\t{p}")
     else:
         click.echo(f"pinned {store_path} as {name}")
@@ -359,13 +339,13 @@ def pin_cmd(name: str | None, store_path: str | None, list_: bool, cache: str | 
 @config_option
 def unpin(name: str, cache: str | None, config_file: Path | None) -> None:
     """Remove the pin NAME (GC may then collect what only it kept)."""
-    from . import gc as gcmod
+    from . import pins
 
     _, backend = _backend(config_file, cache)
 
     async def go() -> bool:
         try:
-            return await gcmod.unpin(backend, name)
+            return await pins.unpin(backend, name)
         finally:
             await backend.close()
 
@@ -388,8 +368,7 @@ def push(
     config_file: Path | None,
 ) -> None:  # fmt: skip
     """Queue store paths for upload (for example after a substitution, which post-build-hook never sees)."""
-    from . import gc as gcmod
-    from . import hook, protocol
+    from . import hook, pins, protocol
 
     if not closure:
         raise click.UsageError("hookd uploads closures only: a path whose references are missing is unusable")
@@ -424,7 +403,7 @@ def push(
 
         async def go() -> None:
             try:
-                await gcmod.pin(backend, pin_name, store_paths[-1], require_present=False)
+                await pins.pin(backend, pin_name, store_paths[-1], require_present=False)
             finally:
                 await backend.close()
 
