@@ -221,13 +221,11 @@ def gc(
         raise click.BadParameter(str(e)) from None
 
     async def go() -> dict[str, Any]:
-        try:
+        async with backend:
             return await gcmod.collect(
                 backend, cfg.state_dir, bounds, older_than=retention, max_size=budget, lease=lease_s, dry_run=dry_run,
                 progress=ProgressLine(),
             )  # fmt: skip
-        finally:
-            await backend.close()
 
     out = _run(go())
     if as_json:
@@ -279,10 +277,8 @@ def verify(
     _, backend = _backend(config_file, cache)
 
     async def go() -> Any:
-        try:
+        async with backend:
             return await run_verify(backend, key, deep, repair, ProgressLine())
-        finally:
-            await backend.close()
 
     report = _run(go())
     if as_json:
@@ -315,15 +311,13 @@ def pin_cmd(name: str | None, store_path: str | None, list_: bool, cache: str | 
     _, backend = _backend(config_file, cache)
 
     async def go() -> Any:
-        try:
+        async with backend:
             if list_:
                 return await pins.list_pins(backend)
             if not name or not store_path:
                 raise click.UsageError("give NAME and STORE-PATH, or --list")
             await pins.pin(backend, name, store_path)
             return None
-        finally:
-            await backend.close()
 
     listed = _run(go())
     if list_:
@@ -344,10 +338,8 @@ def unpin(name: str, cache: str | None, config_file: Path | None) -> None:
     _, backend = _backend(config_file, cache)
 
     async def go() -> bool:
-        try:
+        async with backend:
             return await pins.unpin(backend, name)
-        finally:
-            await backend.close()
 
     if not _run(go()):
         raise click.ClickException(f"no pin named {name!r}")
@@ -402,10 +394,8 @@ def push(
         _, backend = _backend(config_file, cache)
 
         async def go() -> None:
-            try:
+            async with backend:
                 await pins.pin(backend, pin_name, store_paths[-1], require_present=False)
-            finally:
-                await backend.close()
 
         _run(go())
         click.echo(f"pinned {store_paths[-1]} as {pin_name}")

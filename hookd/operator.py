@@ -81,14 +81,12 @@ def cache_answers(cfg: Config, timeout: float = 10) -> str | None:
     from .backends import open_backend
 
     async def check() -> str | None:
-        backend = open_backend(cfg.cache, cfg)
         try:
-            await asyncio.wait_for(backend.exists("nix-cache-info"), timeout)
+            async with open_backend(cfg.cache, cfg) as backend:
+                await asyncio.wait_for(backend.exists("nix-cache-info"), timeout)
             return None
         except Exception as e:
             return f"{type(e).__name__}: {e}"
-        finally:
-            await backend.close()
 
     return asyncio.run(check())
 

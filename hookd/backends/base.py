@@ -7,7 +7,7 @@ import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, TypeVar
+from typing import BinaryIO, NamedTuple, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -117,3 +117,10 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """`async with open_backend(...) as backend:` closes it however the body ends."""
+        await self.close()
