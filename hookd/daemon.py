@@ -32,7 +32,28 @@ from .store import Store
 
 log = logging.getLogger("hookd")
 
-__all__ = ["Daemon", "DaemonError"]
+__all__ = ["Daemon", "DaemonError", "serve"]
+
+
+def serve(cfg: Config) -> None:
+    """`hookd daemon`: the signing key (made in the state directory the first time, unless the config
+    names one), the cache, the store; then the daemon until it is told to stop."""
+    from .backends import PermanentBackendError, open_backend
+    from .keys import KeyPermissionError, default_key_name, load_secret_key, write_keypair
+    from .signing import KeyFileError
+
+    try:
+        if cfg.secret_key_file is None and not cfg.key_path.exists():
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            key = write_keypair(default_key_name(), cfg.key_path, cfg.state_dir / "public-key")
+            log.warning("generated signing key %s; clients trust it with: trusted-public-keys = %s",
+                        cfg.key_path, key.public)  # fmt: skip
+        key = load_secret_key(cfg.key_path)
+        backend = open_backend(cfg.cache, cfg)
+    except (OSError, KeyFileError, KeyPermissionError, PermanentBackendError) as e:
+        raise DaemonError(str(e)) from None
+    log.info("signing with key %s (public: %s)", key.name, key.public)
+    asyncio.run(Daemon(cfg, backend, Store(cfg.store_dir, cfg.nix_store), key).run())
 
 
 class Daemon:

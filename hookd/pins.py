@@ -13,9 +13,13 @@ from .catalog import PIN_PREFIX
 from .storepath import StorePathError, check_basename
 
 
+class PinError(ValueError):
+    """A pin cannot be set as asked (a bad name, not a store path, not in the cache)."""
+
+
 def check_pin_name(name: str) -> str:
     if not name or len(name) > 200 or not all(c.isalnum() or c in "._-" for c in name) or name[0] == ".":
-        raise ValueError(f"pin name {name!r}: use letters, digits, '.', '_' and '-'")
+        raise PinError(f"pin name {name!r}: use letters, digits, '.', '_' and '-'")
     return name
 
 
@@ -25,9 +29,9 @@ async def pin(backend: Backend, name: str, store_path: str, require_present: boo
     try:
         check_basename(base)
     except StorePathError as e:
-        raise ValueError(str(e)) from None
+        raise PinError(str(e)) from None
     if require_present and not await backend.exists(narinfo.narinfo_key(store_path)):
-        raise ValueError(f"{store_path} is not in {backend.url}; push it first (`hookd push --pin {name} PATH`)")
+        raise PinError(f"{store_path} is not in {backend.url}; push it first (`hookd push --pin {name} PATH`)")
     await backend.put(PIN_PREFIX + name, (store_path + "\n").encode(), "text/plain; charset=utf-8")
 
 

@@ -37,6 +37,10 @@ class Report:
     def whole(self) -> bool:
         return not self.broken
 
+    def to_json(self) -> dict[str, Any]:
+        return {"narinfos": self.narinfos, "broken": self.broken, "unknown": self.unknown,
+                "repaired": self.repaired, "whole": self.whole}  # fmt: skip
+
 
 class Inflater:
     """Incremental decompression in bounded pieces: one stored chunk may inflate to gigabytes."""
