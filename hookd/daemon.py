@@ -25,12 +25,14 @@ from .lifecycle import DONE, FAILED, PENDING
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .planner import Planner
-from .queue import Queue
+from .queue import EVENT_RETENTION, Queue
 from .scheduler import Scheduler
 from .signing import SecretKey
 from .store import Store
 
 log = logging.getLogger("hookd")
+
+MAINTENANCE_INTERVAL = 3600.0
 
 __all__ = ["Daemon", "DaemonError", "serve"]
 
@@ -126,9 +128,13 @@ class Daemon:
                 ),
                 asyncio.create_task(scheduler.run(self.stopping), name="scheduler"),
             ]
-            notifier = asyncio.create_task(self._notifier(), name="notifier")
+            helpers = [
+                asyncio.create_task(self._notifier(), name="notifier"),
+                asyncio.create_task(self._maintain(queue), name="maintenance"),
+            ]
             await self.stopping.wait()
-            notifier.cancel()
+            for helper in helpers:
+                helper.cancel()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             _sd_notify("STOPPING=1")
@@ -189,6 +195,16 @@ class Daemon:
             )
             _sd_notify(message + ("\nWATCHDOG=1" if watchdog else ""))
             await asyncio.sleep(interval)
+
+    async def _maintain(self, queue: Queue) -> None:
+        """At start-up and then hourly: prune the queue's old history (a write, so not done by its reads)."""
+        while True:
+            try:
+                if pruned := await queue.prune_events():
+                    log.info("forgot %d events older than %.0f days", pruned, EVENT_RETENTION / 86400)
+            except Exception:  # the history only grows meanwhile
+                log.exception("queue maintenance failed; trying again in %.0fs", MAINTENANCE_INTERVAL)
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
 
     async def _command(self, cmd: protocol.Command) -> bytes:
         """Operator commands from the CLI: STATUS, RETRY, DROP, REQUEST."""
