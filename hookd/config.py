@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,35 +164,47 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)  # the annotations as types (they are strings in the source)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
-    kind = str(_FIELDS[name].type)
+    """A setting's value (from TOML, an environment variable or a flag) as its field's type."""
+    kind = _TYPES[name]
+    if value is None:
+        return None
     try:
-        if value is None:
-            return None
-        if "Path" in kind:
-            return Path(value)
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if "list[str]" in kind:
-            return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
-        if "list[int]" in kind:
-            items = value.replace(",", " ").split() if isinstance(value, str) else value
-            return [int(v) for v in items]
-        if "int" in kind:
-            return int(value)
-        if "float" in kind:
-            return float(value)
-        return str(value)
+        return _convert(kind, value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {kind}") from None
+        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {_type_name(kind)}") from None
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):  # `X | None`: an optional setting given a value
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value)
+    if origin is list:  # a TOML array, or a string of items separated by commas or spaces
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        return [_convert(args[0], v) for v in items]
+    if kind is bool:
+        return _boolean(value)
+    if kind in (str, int, float, Path):
+        return kind(value)
+    raise TypeError(f"no conversion to {kind}")
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _type_name(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("pathlib.", "")
 
 
 def load(

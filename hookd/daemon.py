@@ -27,14 +27,37 @@ from .lifecycle import DONE, FAILED, PENDING
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .planner import Planner
-from .queue import Queue
+from .queue import EVENT_RETENTION, Queue
 from .scheduler import Scheduler
 from .signing import SecretKey
 from .store import Store
 
 log = logging.getLogger("hookd")
 
-__all__ = ["Daemon", "DaemonError"]
+MAINTENANCE_INTERVAL = 3600.0
+
+__all__ = ["Daemon", "DaemonError", "serve"]
+
+
+def serve(cfg: Config) -> None:
+    """`hookd daemon`: the signing key (made in the state directory the first time, unless the config
+    names one), the cache, the store; then the daemon until it is told to stop."""
+    from .backends import PermanentBackendError, open_backend
+    from .keys import KeyPermissionError, default_key_name, load_secret_key, write_keypair
+    from .signing import KeyFileError
+
+    try:
+        if cfg.secret_key_file is None and not cfg.key_path.exists():
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            key = write_keypair(default_key_name(), cfg.key_path, cfg.state_dir / "public-key")
+            log.warning("generated signing key %s; clients trust it with: trusted-public-keys = %s",
+                        cfg.key_path, key.public)  # fmt: skip
+        key = load_secret_key(cfg.key_path)
+        backend = open_backend(cfg.cache, cfg)
+    except (OSError, KeyFileError, KeyPermissionError, PermanentBackendError) as e:
+        raise DaemonError(str(e)) from None
+    log.info("signing with key %s (public: %s)", key.name, key.public)
+    asyncio.run(Daemon(cfg, backend, Store(cfg.store_dir, cfg.nix_store), key).run())
 
 
 class Daemon:
@@ -108,9 +131,13 @@ class Daemon:
                 ),
                 asyncio.create_task(scheduler.run(self.stopping), name="scheduler"),
             ]
-            notifier = asyncio.create_task(self._notifier(), name="notifier")
+            helpers = [
+                asyncio.create_task(self._notifier(), name="notifier"),
+                asyncio.create_task(self._maintain(queue), name="maintenance"),
+            ]
             await self.stopping.wait()
-            notifier.cancel()
+            for helper in helpers:
+                helper.cancel()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             _sd_notify("STOPPING=1")
@@ -169,6 +196,16 @@ class Daemon:
             )
             _sd_notify(message + ("\nWATCHDOG=1" if watchdog else ""))
             await asyncio.sleep(interval)
+
+    async def _maintain(self, queue: Queue) -> None:
+        """At start-up and then hourly: prune the queue's old history (a write, so not done by its reads)."""
+        while True:
+            try:
+                if pruned := await queue.prune_events():
+                    log.info("forgot %d events older than %.0f days", pruned, EVENT_RETENTION / 86400)
+            except Exception:  # the history only grows meanwhile
+                log.exception("queue maintenance failed; trying again in %.0fs", MAINTENANCE_INTERVAL)
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
 
     async def _command(self, cmd: protocol.Command) -> bytes:
         """Operator commands from the CLI: STATUS, RETRY, DROP, REQUEST."""

@@ -180,7 +180,7 @@ class Intake:
         self.metrics.requests.inc()
         log.info("queued request %d: %s", rid, req.drv if not req.outs else " ".join(req.outs))
         self.on_request()
-        return protocol.ok(f"queued {rid}")
+        return protocol.queued(rid)
 
     def peer_allowed(self, uid: int) -> bool:
         if uid in self.allowed_uids:

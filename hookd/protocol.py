@@ -117,6 +117,17 @@ def ok(detail: str = "") -> bytes:
     return (f"OK {detail}" if detail else "OK").encode() + b"\n"
 
 
+def queued(request_id: int) -> bytes:
+    """The answer to ENQUEUE and PUSH once the request is committed to the queue."""
+    return ok(f"queued {request_id}")
+
+
+def queued_id(detail: str) -> int | None:
+    """The request number in the detail of a `queued` answer."""
+    verb, _, number = detail.partition(" ")
+    return int(number) if verb == "queued" and number.isdigit() else None
+
+
 def error(message: str) -> bytes:
     return f"ERR {' '.join(message.split())}".encode() + b"\n"
 

@@ -32,6 +32,9 @@ from .lifecycle import (
     EVENT_OF,
     FAILED,
     PENDING,
+    REQUEST_FAILED,
+    REQUEST_NEW,
+    REQUEST_PLANNED,
     SATISFIED,
     STATES,
     UPLOADING,
@@ -49,7 +52,7 @@ CREATE TABLE IF NOT EXISTS requests (
     outs TEXT NOT NULL,              -- space-separated store paths (may be empty)
     source TEXT NOT NULL,            -- socket, spool, cli
     received REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'new',  -- new, planned, failed
+    state TEXT NOT NULL DEFAULT 'new',  -- new, planned, failed (lifecycle.REQUEST_*)
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0,
     error TEXT
@@ -161,7 +164,6 @@ class Queue:
         self.db = db
         self.store_dir = store_dir
         self._lock = asyncio.Lock()
-        self.readonly = False
         self._immutable: tuple[Path, tuple[int, int, int]] | None = None
 
     @classmethod
@@ -191,7 +193,6 @@ class Queue:
             snapshot = _file_state(path)
             db = await aiosqlite.connect(uri + "&immutable=1", uri=True, isolation_level=None)
         queue = cls(db, store_dir)
-        queue.readonly = True
         queue._immutable = (path, snapshot) if snapshot else None
         return queue
 
@@ -249,7 +250,7 @@ class Queue:
     @_serialized
     async def due_requests(self, limit: int = 200) -> list[Request]:
         rows = await self.db.execute_fetchall(
-            "SELECT id, drv, outs, source, attempts FROM requests WHERE state = 'new' AND next_try <= ? "
+            f"SELECT id, drv, outs, source, attempts FROM requests WHERE state = '{REQUEST_NEW}' AND next_try <= ? "
             "ORDER BY id LIMIT ?",
             (time.time(), limit),
         )
@@ -262,7 +263,7 @@ class Queue:
 
     @_serialized
     async def next_request_time(self) -> float | None:
-        value = await self._scalar("SELECT MIN(next_try) FROM requests WHERE state = 'new'")
+        value = await self._scalar(f"SELECT MIN(next_try) FROM requests WHERE state = '{REQUEST_NEW}'")
         return float(value) if value is not None else None
 
     @_serialized
@@ -274,7 +275,9 @@ class Queue:
 
     @_serialized
     async def fail_request(self, request_id: int, error: str) -> None:
-        await self.db.execute("UPDATE requests SET state = 'failed', error = ? WHERE id = ?", (error, request_id))
+        await self.db.execute(
+            f"UPDATE requests SET state = '{REQUEST_FAILED}', error = ? WHERE id = ?", (error, request_id)
+        )
 
     @_serialized
     async def plan(
@@ -340,7 +343,7 @@ class Queue:
                 [(i, p) for i in ids for p in infos],
             )
             await db.executemany(
-                "UPDATE requests SET state = 'planned', error = NULL WHERE id = ?", [(i,) for i in ids]
+                f"UPDATE requests SET state = '{REQUEST_PLANNED}', error = NULL WHERE id = ?", [(i,) for i in ids]
             )
             await self._block_referrers(queued, now)
         return len(queued)
@@ -664,8 +667,6 @@ class Queue:
             f"AND state IN {sql_list((PENDING, FAILED, BLOCKED))} ORDER BY updated DESC LIMIT 5"
         )
         errors = [dict(zip(("path", "state", "error", "time"), r, strict=True)) for r in await cur.fetchall()]
-        if not self.readonly:
-            await self.db.execute("DELETE FROM events WHERE time < ?", (now - EVENT_RETENTION,))
         return {
             "counts": counts,
             "uploaded": rates,
@@ -673,6 +674,13 @@ class Queue:
             "oldest_pending": {"path": oldest[0], "age": now - oldest[1]} if oldest else None,
             "last_errors": errors,
         }
+
+    @_serialized
+    async def prune_events(self, retention: float = EVENT_RETENTION) -> int:
+        """Forget the history older than `retention` seconds (it feeds `queue show` and the upload rates
+        only); how many events went. The daemon's maintenance calls it: reads never write."""
+        cur = await self.db.execute("DELETE FROM events WHERE time < ?", (time.time() - retention,))
+        return max(0, cur.rowcount)
 
     @_serialized
     async def attempts(self, path: str) -> int:
@@ -683,7 +691,7 @@ class Queue:
         rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM paths GROUP BY state")
         out = dict.fromkeys(STATES, 0)
         out.update({r[0]: r[1] for r in rows})
-        out["requests"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
+        out["requests"] = int(await self._scalar(f"SELECT COUNT(*) FROM requests WHERE state = '{REQUEST_NEW}'"))
         return out
 
     @_serialized

@@ -25,7 +25,7 @@ What an uploader does for a path P (`Uploader.publish` in `upload.py`, `Freshnes
 A reference's NAR and its own references need no touch: a GC that spares a narinfo spares its NAR and
 its closure (below), and one that deletes it does so before step 4 can pass.
 
-What GC does (`gc.py`; the pure rules in `gc.SweepState`):
+What GC does (`gc.py`: `plan.py`, then `sweep.py` with its pure rules in `sweep.SweepState`):
 1. Note the time, list the bucket, plan: roots are pins and narinfos younger than the retention;
    the mark is their closure; candidates are unmarked (or broken) narinfos older than the grace.
 2. Sweep narinfos *referrers first*: a candidate is decided only once every candidate that refers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -127,3 +127,10 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """`async with open_backend(...) as backend:` closes it however the body ends."""
+        await self.close()
