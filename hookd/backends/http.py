@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import netrc
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -20,6 +20,8 @@ from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
 from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
 
 CHUNK = 1 << 20
+LISTING_BYTES = 32 << 10
+"""What one request is worth in a PROPFIND answer (about fifty entries)."""
 RETRYABLE_STATUS = {408, 500, 502, 504}
 THROTTLE_STATUS = {429, 503}
 
@@ -95,6 +97,7 @@ class HttpBackend(Backend):
         self.policy = policy or RetryPolicy()
         self.rate = rate or AdaptiveRate()
         self._session: aiohttp.ClientSession | None = None
+        self._listable = True  # until a PROPFIND is refused
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -216,6 +219,39 @@ class HttpBackend(Backend):
         except (TypeError, ValueError):
             mtime = 0.0
         return ObjectStat(key, int(hdrs.get("content-length", 0)), mtime, hdrs.get("etag"))
+
+    async def stat_top(self, keys: Collection[str], budget: int) -> dict[str, ObjectStat] | None:
+        """One WebDAV PROPFIND (Depth: 1) of the cache's top level, read while it stays under `budget`
+        requests' worth of answer (LISTING_BYTES each) and cut off otherwise; None then, or when the
+        server cannot list (it is not asked again)."""
+        if not self._listable:
+            return None
+        limit = budget * LISTING_BYTES
+        what = f"PROPFIND {self.base}/"
+        try:
+            async with self._sess().request(
+                "PROPFIND", f"{self.base}/", data=b"", headers={"Depth": "1"}, allow_redirects=False
+            ) as resp:
+                if resp.status != 207:
+                    self._listable = False
+                    await resp.release()
+                    return None
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    body += chunk
+                    if len(body) > limit:
+                        resp.close()  # a large cache: asking per key is cheaper than the rest
+                        return None
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            raise _transient(what, e) from None
+        base_path = urlsplit(self.base).path.rstrip("/") + "/"
+        wanted = set(keys)
+        found = {}
+        for href, is_dir, size, mtime, etag in _parse_multistatus(bytes(body)):
+            key = unquote(urlsplit(href).path)[len(base_path) :]
+            if not is_dir and key in wanted:
+                found[key] = ObjectStat(key, size, mtime, etag)
+        return found
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
         """Walk the cache with WebDAV PROPFIND (Depth: 1, directory by directory)."""

@@ -78,7 +78,7 @@ def peak_rss_mib(pid: int) -> float:
 
 def run_hookd(nix: NixEnv, root: Path, url: str, path: str, closure: list[str], has, env: dict[str, str]) -> dict:
     state = root / f"hookd-{uuid.uuid4().hex[:6]}"
-    hookd = HookdProcess(nix, state, url, ("--log-level", "warning"), env)
+    hookd = HookdProcess(nix, state, url, ("--log-level", os.environ.get("HOOKD_BENCH_LOG", "warning")), env)
     hookd.start()
     t = time.perf_counter()
     enqueue(hookd.socket, path)
