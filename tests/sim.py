@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hookd import nar, narinfo, nixbase32
-from hookd.backends import Backend, BackendError, Blob, ObjectStat
+from hookd.backends import Backend, BackendError, ObjectStat
 from hookd.catalog import GcError
 from hookd.freshness import Freshness
 from hookd.plan import GcPlan, plan
@@ -145,18 +145,6 @@ class SimBucket(Backend):
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         await self._request(f"PUT {key}", lambda: self._put(key, data))
 
-    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
-        with blob.open() as f:
-            data = f.read()
-
-        def apply() -> bool:
-            if key in self.objects:
-                return False
-            self._put(key, data)
-            return True
-
-        return await self._request(f"PUT {key}", apply)
-
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:  # type: ignore[override]
         keys = sorted(k for k in self.objects if k.startswith(prefix))
         for i in range(0, len(keys), 20):  # pages: the listing is not one instant
@@ -255,7 +243,7 @@ class Uploader:
                     if await self.bucket.stat(narinfo.narinfo_key(p)) is not None:
                         self.done.add(p)  # found, not written: it will be touched before it is relied on
                         continue
-                    await upload_path(self.infos[p], self.bucket, self.key, "none", 0, self.staging, self.freshness)
+                    await upload_path(self.infos[p], self.bucket, self.key, "none", 0, self.freshness)
                     self.uploads += 1
                     self.done.add(p)
                 return

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import parse_qs, urlsplit
 
-from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError
+from .base import Backend, BackendError, ObjectStat, PermanentBackendError
 from .retry import AdaptiveRate, RetryPolicy
 
 if TYPE_CHECKING:
@@ -89,4 +89,4 @@ def open_backend(url: str, cfg: Config | None = None) -> Backend:
     )
 
 
-__all__ = ["Backend", "BackendError", "Blob", "ObjectStat", "PermanentBackendError", "open_backend"]
+__all__ = ["Backend", "BackendError", "ObjectStat", "PermanentBackendError", "open_backend"]

@@ -7,17 +7,16 @@ never into a log line or an error message: those name the method, the key and th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import netrc
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError, T
+from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
 from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
 
 CHUNK = 1 << 20
@@ -46,7 +45,7 @@ def _check_status(what: str, status: int, hdrs: dict[str, str]) -> None:
         raise RetryableError(f"{what}: HTTP {status}", False, parse_retry_after(hdrs.get("retry-after")))
     if status in (401, 403):
         raise PermanentBackendError(f"{what}: HTTP {status} (check the cache's credentials)")
-    if status >= 400 and status != 404:
+    if status >= 400 and status not in (404, 412):
         raise PermanentBackendError(f"{what}: HTTP {status}")
 
 
@@ -103,6 +102,9 @@ class HttpBackend(Backend):
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self.headers)
         return self._session
 
+    def congested(self) -> bool:
+        return self.rate.congested
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -128,17 +130,10 @@ class HttpBackend(Backend):
         return status, body, hdrs
 
     async def _request(
-        self, method: str, key: str, blob: Blob | bytes | None = None, headers: dict[str, str] | None = None
+        self, method: str, key: str, data: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, dict[str, str]]:
         async def op() -> tuple[int, bytes, dict[str, str]]:
-            data: object = None
-            hdrs = dict(headers or {})
-            if isinstance(blob, bytes):
-                data = blob
-            elif blob is not None:
-                data = _chunks(blob)
-                hdrs["Content-Length"] = str(blob.size)
-            return await self._once(method, key, data, hdrs)
+            return await self._once(method, key, data, headers)
 
         return await with_retries(f"{method} {key}", op, self.policy, self.rate)
 
@@ -171,13 +166,41 @@ class HttpBackend(Backend):
         if status == 404:
             raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
 
-    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
-        if await self.exists(key):
-            return False
-        status, _, _ = await self._request("PUT", key, blob, {"Content-Type": content_type})
+    async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """One PUT with If-None-Match: *; created only when the server says 201 Created (RFC 9110), as
+        nginx does. A 412 (the key exists) or a 200/204 (a server that ignores the condition replaced
+        the object, with the same bytes: narstream.py) is not a creation."""
+        status, _, _ = await self._request("PUT", key, data, {"Content-Type": content_type, "If-None-Match": "*"})
         if status == 404:
             raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
-        return True
+        return status == 201
+
+    async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
+        """One streamed PUT (chunked transfer encoding): the server commits the object only when the
+        body's last chunk arrives, and that is sent only after the stream ended normally. If the stream
+        raises (a NarHash mismatch), the connection is cut before the end and nothing is committed. A
+        streamed body cannot be sent twice: a failure is an error of this attempt (the path is retried)."""
+        what = f"PUT {self.base}/{key}"
+        failure: list[BaseException] = []
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except BaseException as e:
+                failure.append(e)
+                raise
+
+        try:
+            status, _, _ = await self._once("PUT", key, body(), {"Content-Type": content_type})
+        except BaseException:
+            if failure:
+                raise failure[0] from None
+            raise
+        if failure:  # the client library swallowed the stream's error: never treat that as written
+            raise failure[0]
+        if status == 404:
+            raise PermanentBackendError(f"{what}: HTTP 404 (does the server accept PUT?)")
 
     async def delete(self, key: str) -> None:
         await self._request("DELETE", key)
@@ -257,18 +280,6 @@ def _basic(user: str, password: str) -> str:
 def _safe(e: BaseException) -> bool:
     """Whether an aiohttp error's text is safe to show (it never holds more than host and port)."""
     return isinstance(e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError)
-
-
-async def _chunks(blob: Blob) -> AsyncIterator[bytes]:
-    if blob.data is not None:
-        yield blob.data
-        return
-    f = await asyncio.to_thread(blob.open)
-    try:
-        while chunk := await asyncio.to_thread(f.read, CHUNK):
-            yield chunk
-    finally:
-        f.close()
 
 
 __all__ = ["BackendError", "HttpBackend", "redact"]
