@@ -95,25 +95,28 @@ class FileBackend(Backend):
             finally:
                 os.close(fd)
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
+    def _write(self, key: str, data: bytes, replace: bool) -> bool:
+        """A temp file, fsynced, renamed over `key` (replace) or linked to it (never replaces: False if
+        the key was there)."""
         dest = self._path(key)
-
-        def write() -> None:
+        try:
+            f, tmp = self._tmp(dest)
             try:
-                f, tmp = self._tmp(dest)
-                try:
-                    f.write(data)
-                    self._finish(f)
-                    os.replace(tmp, dest)
-                except BaseException:
-                    f.close()
-                    tmp.unlink(missing_ok=True)
-                    raise
+                f.write(data)
+                self._finish(f)
+                if not replace:
+                    return self._commit(tmp, dest)
+                os.replace(tmp, dest)
                 self._sync_dir(dest.parent)
-            except OSError as e:
-                raise _wrap(key, e) from None
+                return True
+            finally:
+                f.close()
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise _wrap(key, e) from None
 
-        await asyncio.to_thread(write)
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await asyncio.to_thread(self._write, key, data, True)
 
     async def touch(self, key: str, content_type: str) -> bool:
         def utime() -> bool:
@@ -139,22 +142,7 @@ class FileBackend(Backend):
 
     async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
         """A temp file linked into place: link(2) never replaces, so it says whether this created it."""
-        dest = self._path(key)
-
-        def write() -> bool:
-            try:
-                f, tmp = self._tmp(dest)
-                try:
-                    f.write(data)
-                    self._finish(f)
-                    return self._commit(tmp, dest)
-                finally:
-                    f.close()
-                    tmp.unlink(missing_ok=True)
-            except OSError as e:
-                raise _wrap(key, e) from None
-
-        return await asyncio.to_thread(write)
+        return await asyncio.to_thread(self._write, key, data, False)
 
     async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
         """Stream into a temp file beside the NAR's name; after a normal end, fsync and link it into place

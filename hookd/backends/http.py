@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aiohttp
 
 from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
-from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
+from .retry import Remote, RetryableError, parse_retry_after, with_retries
 
 CHUNK = 1 << 20
 LISTING_BYTES = 32 << 10
@@ -60,12 +60,9 @@ class HttpBackend(Backend):
         netrc_file: Path | None = None,
         tls_verify: bool = True,
         ca_file: Path | None = None,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        max_connections: int = 32,
-        policy: RetryPolicy | None = None,
-        rate: AdaptiveRate | None = None,
+        remote: Remote | None = None,
     ) -> None:
+        remote = remote or Remote()
         parts = urlsplit(url)
         self.base = redact(url).rstrip("/")
         self.url = self.base
@@ -92,10 +89,9 @@ class HttpBackend(Backend):
             self.ssl = ssl.create_default_context(cafile=str(ca_file))
         else:
             self.ssl = True
-        self.timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
-        self.max_connections = max_connections
-        self.policy = policy or RetryPolicy()
-        self.rate = rate or AdaptiveRate()
+        self.timeout = aiohttp.ClientTimeout(sock_connect=remote.connect_timeout, sock_read=remote.read_timeout)
+        self.max_connections = remote.max_connections
+        self.policy, self.rate = remote.policy, remote.rate
         self._session: aiohttp.ClientSession | None = None
         self._listable = True  # until a PROPFIND is refused
 

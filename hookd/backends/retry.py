@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .base import BackendError
@@ -142,6 +142,17 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         return max(backoff(attempt, self.base, self.cap), retry_after or 0.0)
+
+
+@dataclass
+class Remote:
+    """What every remote backend (S3, HTTP) takes alike: timeouts, connection pool, retries, rate."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_connections: int = 32
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    rate: AdaptiveRate = field(default_factory=AdaptiveRate)
 
 
 async def with_retries(what: str, op: Callable[[], Awaitable[T]], policy: RetryPolicy, rate: AdaptiveRate) -> T:

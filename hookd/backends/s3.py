@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import Backend, ObjectStat, PermanentBackendError, PreconditionFailed, T
-from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
+from .retry import Remote, RetryableError, RetryPolicy, parse_retry_after, with_retries
 
 log = logging.getLogger("hookd.backend")
 
@@ -64,12 +64,9 @@ class S3Backend(Backend):
         multipart_threshold: int = 8 << 20,
         part_size: int = 16 << 20,
         part_concurrency: int = 2,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        max_connections: int = 32,
-        policy: RetryPolicy | None = None,
-        rate: AdaptiveRate | None = None,
+        remote: Remote | None = None,
     ) -> None:
+        remote = remote or Remote()
         if addressing not in ("auto", "path", "virtual"):
             raise PermanentBackendError(f"S3 addressing {addressing!r}: expected path or virtual")
         self.bucket = bucket
@@ -84,11 +81,9 @@ class S3Backend(Backend):
         self.multipart_threshold = max(multipart_threshold, MIN_PART)
         self.part_size = max(part_size, MIN_PART)
         self.part_concurrency = max(1, part_concurrency)
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.max_connections = max_connections
-        self.policy = policy or RetryPolicy()
-        self.rate = rate or AdaptiveRate()
+        self.connect_timeout, self.read_timeout = remote.connect_timeout, remote.read_timeout
+        self.max_connections = remote.max_connections
+        self.policy, self.rate = remote.policy, remote.rate
         self._ctx: Any = None
         self._client: Any = None
         self._lock = asyncio.Lock()
