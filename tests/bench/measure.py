@@ -11,7 +11,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REQUEST_LINE = re.compile(r'"(GET|PUT|HEAD|POST|DELETE|PROPFIND|MKCOL|OPTIONS|MOVE|COPY) (\S+) HTTP/[0-9.]+"')
+# nginx's and radosgw's access lines, and moto's (werkzeug colours some with ANSI escapes)
+REQUEST_LINE = re.compile(
+    r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|HEAD|POST|DELETE|PROPFIND|MKCOL|OPTIONS|MOVE|COPY) (\S+) HTTP/[0-9.]+'
+)
 
 
 def count_requests(lines: str, prefix: str) -> Counter[str]:

@@ -56,7 +56,9 @@ class Side:
         kw.setdefault("capture_output", "stdout" not in kw)
         proc: subprocess.CompletedProcess[str] = subprocess.run(full, env=e, text=True, check=False, **kw)
         if check and proc.returncode:
-            raise RuntimeError(f"{self.name}: {' '.join(argv)} exited {proc.returncode}:\n{(proc.stderr or '')[-3000:]}")
+            raise RuntimeError(
+                f"{self.name}: {' '.join(argv)} exited {proc.returncode}:\n{(proc.stderr or '')[-3000:]}"
+            )
         return proc
 
     def popen(self, argv: Sequence[str], env: Mapping[str, str], log: IO[bytes], **kw: Any) -> subprocess.Popen[bytes]:
@@ -65,7 +67,11 @@ class Side:
 
     @property
     def path_env(self) -> str:
-        return os.environ["PATH"] if self.chroot is None else "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        return (
+            os.environ["PATH"]
+            if self.chroot is None
+            else "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        )
 
     @property
     def hookd(self) -> str:
@@ -80,7 +86,9 @@ class Side:
         py = (
             platform.python_version()
             if self.chroot is None
-            else self.run(["/src/.venv/bin/python", "-c", "import platform; print(platform.python_version())"], env).stdout.strip()
+            else self.run(
+                ["/src/.venv/bin/python", "-c", "import platform; print(platform.python_version())"], env
+            ).stdout.strip()
         )
         return {
             "debian": self.host_path("/etc/debian_version").read_text().strip(),
@@ -127,7 +135,9 @@ class Nix:
         deadline = time.monotonic() + 20
         while not host(self.socket).exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.side.name}: nix-daemon did not start; see {host(self.root / 'nix-daemon.log')}")
+                raise RuntimeError(
+                    f"{self.side.name}: nix-daemon did not start; see {host(self.root / 'nix-daemon.log')}"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -158,8 +168,11 @@ class Nix:
         return sorted(str(i["path"]) for i in self.path_info(paths, recursive=True))
 
     def delete(self, paths: Iterable[str]) -> None:
-        """Delete paths (a workload done with), so the next one has the page cache to itself."""
-        self.nix("nix-store", "--delete", *paths)
+        """Delete paths and whatever refers to them (the top's .drv names its inputs), so the next workload has
+        the page cache and the disk to itself."""
+        paths = self.nix("nix-store", "--query", "--referrers-closure", *paths).stdout.split()
+        # as root on the store itself: the daemon refuses --ignore-liveness (its clients' temporary roots)
+        self.side.run(["nix-store", "--delete", "--ignore-liveness", *paths], dict(self.env, NIX_REMOTE="local"))
 
 
 def copy_closure(src: Nix, dest: Nix, closure: list[str]) -> None:

@@ -54,7 +54,7 @@ def make_top(nix: Store, name: str, paths: list[str]) -> str:
     expr = nix.write_expr(
         f"{name}.nix",
         f'{{ paths }}: derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";'
-        " deps = map builtins.storePath paths; passAsFile = [ \"deps\" ];"
+        ' deps = map builtins.storePath paths; passAsFile = [ "deps" ];'
         ' args = [ "-c" "/bin/cp $depsPath $out" ]; }',
     )
     listing = nix.write_expr(f"{name}-paths.nix", "[" + " ".join(f'"{p}"' for p in paths) + "]")
