@@ -1,14 +1,16 @@
 """One push of a closure by each contender, on either side, measured the same way: hookd's daemon (time from
-the request until the top narinfo is in the cache, which hookd publishes last; peak RSS, CPU, staging bytes
-and free space sampled meanwhile) and `nix copy` (time until it exits; peak RSS and CPU from wait4)."""
+the request until the top narinfo is in the cache, which hookd publishes last) and `nix copy` (time until it
+exits). Meanwhile sampled: bytes in the staging directory and a private TMPDIR, free space, peak RSS."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,11 @@ def run_hookd(
 ) -> dict[str, Any]:
     """Start a hookd daemon on `side` (state dir `state`, as the side sees it), queue `top`, wait for `done`."""
     host_state = side.host_path(state)
+    tmp = state.parent / f"{state.name}.tmp"  # a TMPDIR of its own: what it spools there counts as staged
+    side.host_path(tmp).mkdir()
     argv = [side.hookd, "daemon", "--cache", url, "--state-dir", str(state), "--store-dir", nix.store_dir,
             "--log-level", "warning"]  # fmt: skip
-    env = {**nix.env, "HOOKD_CONFIG": "/dev/null", **extra_env}
+    env = {**nix.env, "HOOKD_CONFIG": "/dev/null", "TMPDIR": str(tmp), **extra_env}
     log_file = host_state.parent / f"{host_state.name}.log"
     with open(log_file, "ab") as log:
         proc = side.popen(argv, env, log, start_new_session=True)
@@ -61,7 +65,7 @@ def run_hookd(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{side.name} hookd did not start:\n{log_file.read_text()[-3000:]}")
             time.sleep(0.02)
-        sampler = Sampler(host_state, host_state / "staging")
+        sampler = Sampler(host_state.parent, [host_state / "staging", side.host_path(tmp)], proc.pid)
         sampler.start()
         t = time.perf_counter()
         enqueue(host_state / "hookd.sock", top)
@@ -74,6 +78,7 @@ def run_hookd(
         return {
             "seconds": seconds,
             "peak_rss_mib": peak_rss_mib(proc.pid),
+            "peak_tree_rss_mib": sampler.peak_tree_rss_mib,
             "cpu_seconds": cpu_seconds(proc.pid),
             "peak_staging_mib": sampler.peak_staging / MiB,
             "disk_drop_mib": sampler.disk_drop / MiB,
@@ -87,28 +92,35 @@ def run_hookd(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        shutil.rmtree(side.host_path(tmp), ignore_errors=True)
 
 
 def run_nix_copy(side: Side, nix: Nix, url: str, key: Path, top: str, log_file: Path) -> dict[str, Any]:
     """`nix copy --to URL?compression=zstd&secret-key=…` of `top` on `side`. It reads the store directly
-    (NIX_REMOTE=local, as root, like the Nix manual's post-build-hook), so its CPU and RSS include reading NARs."""
+    (NIX_REMOTE=local, as root, like the Nix manual's post-build-hook), so its CPU and RSS include reading
+    NARs; it gets a TMPDIR of its own, whose size counts as staged."""
     sep = "&" if "?" in url else "?"
     argv = ["nix", "copy", "--to", f"{url}{sep}compression=zstd&secret-key={key}", top]
-    sampler = Sampler(side.host_path(nix.root), None)
+    tmp = nix.root / f"nix-copy-{uuid.uuid4().hex[:8]}.tmp"
+    side.host_path(tmp).mkdir()
     with open(log_file, "ab") as log:
-        proc = side.popen(argv, dict(nix.env, NIX_REMOTE="local"), log)
+        proc = side.popen(argv, dict(nix.env, NIX_REMOTE="local", TMPDIR=str(tmp)), log)
+    sampler = Sampler(side.host_path(nix.root), [side.host_path(tmp)], proc.pid)
     sampler.start()
     t = time.perf_counter()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t
     proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.finish()
+    shutil.rmtree(side.host_path(tmp), ignore_errors=True)
     if proc.returncode:
         raise RuntimeError(f"{side.name}: nix copy exited {proc.returncode}:\n{log_file.read_text()[-3000:]}")
     return {
         "seconds": seconds,
-        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "peak_rss_mib": sampler.peak_rss_mib,
+        "peak_tree_rss_mib": sampler.peak_tree_rss_mib,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_staging_mib": sampler.peak_staging / MiB,
         "disk_drop_mib": sampler.disk_drop / MiB,
     }
 

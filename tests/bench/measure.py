@@ -4,6 +4,7 @@ logged for one run (nginx's access log, moto's and radosgw's request lines)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -66,24 +67,32 @@ def free_bytes(path: Path) -> int:
 
 
 class Sampler(threading.Thread):
-    """Every `interval` s while a run goes: the free space of the file system holding `fs_path` and the size
-    of `staging` (if given). Peak staging bytes and the largest drop of free space since the start."""
+    """Every `interval` s while a run goes: the free space of the file system holding `fs_path`, the bytes
+    under `dirs` (a staging directory, a private TMPDIR) and the peak RSS of `pid` (VmHWM, read while it runs:
+    wait4's maxrss would count the benchmark's own memory, which a child inherits until it execs), and the
+    largest sum of the resident sets of `pid` and its descendants (worker processes, if any)."""
 
-    def __init__(self, fs_path: Path, staging: Path | None, interval: float = 0.05) -> None:
+    def __init__(self, fs_path: Path, dirs: list[Path], pid: int | None = None, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.fs_path = fs_path
-        self.staging = staging
+        self.dirs = dirs
+        self.pid = pid
         self.interval = interval
         self.start_free = free_bytes(fs_path)
         self.min_free = self.start_free
         self.peak_staging = 0
+        self.peak_rss_mib = 0.0
+        self.peak_tree_rss_mib = 0.0
         self.samples = 0
         self._done = threading.Event()
 
     def sample(self) -> None:
         self.min_free = min(self.min_free, free_bytes(self.fs_path))
-        if self.staging is not None:
-            self.peak_staging = max(self.peak_staging, tree_bytes(self.staging))
+        self.peak_staging = max(self.peak_staging, sum(tree_bytes(d) for d in self.dirs))
+        if self.pid is not None:
+            with contextlib.suppress(OSError, RuntimeError):  # gone: the last sample stands
+                self.peak_rss_mib = max(self.peak_rss_mib, peak_rss_mib(self.pid))
+            self.peak_tree_rss_mib = max(self.peak_tree_rss_mib, tree_rss_mib(self.pid))
         self.samples += 1
 
     def run(self) -> None:
@@ -113,3 +122,23 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_rss_mib(pid: int) -> float:
+    """The resident sets of `pid` and all its descendants, summed (shared pages counted in each)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat_file.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat_file.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / (1 << 20)

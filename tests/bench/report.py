@@ -30,6 +30,9 @@ class Run:
     seconds: float
     requests: dict[str, int] = field(default_factory=dict)
     peak_rss_mib: float | None = None
+    """VmHWM of the daemon / of nix copy."""
+    peak_tree_rss_mib: float | None = None
+    """The largest sum of resident sets of the process and its children, sampled (JSON only)."""
     cpu_seconds: float | None = None
     peak_staging_mib: float | None = None
     disk_drop_mib: float | None = None
