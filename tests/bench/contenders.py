@@ -42,6 +42,7 @@ def run_hookd(
     extra_env: Mapping[str, str] = {},
     poll: float = 0.005,
     during: Callable[[Callable[[], bool]], Any] | None = None,
+    timeout: float = 3600,
 ) -> dict[str, Any]:
     """Start a hookd daemon on `side` (state dir `state`, as the side sees it), queue `top`, wait for `done`."""
     host_state = side.host_path(state)
@@ -72,6 +73,10 @@ def run_hookd(
         extra = during(done) if during else None
         while not done():
             alive()
+            if time.perf_counter() - t > timeout:
+                raise RuntimeError(
+                    f"{side.name} hookd did not finish in {timeout:g} s:\n{log_file.read_text()[-3000:]}"
+                )
             time.sleep(poll)
         seconds = time.perf_counter() - t
         sampler.finish()

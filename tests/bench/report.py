@@ -98,6 +98,10 @@ def table(runs: list[Run], workloads: dict[str, dict[str, Any]]) -> str:
             f"== {name}: {meta['paths']} path{'s' if meta['paths'] != 1 else ''}, {meta['nar_bytes'] / MiB:.1f} MiB of NAR, "
             f"{meta['zstd_bytes'] / MiB:.1f} MiB as zstd -3 ({100 * meta['zstd_bytes'] / meta['nar_bytes']:.0f} %)"
         )
+        if "files" in meta:
+            head += (
+                f", {meta['files']} files, {100 * meta['elf_bytes'] / max(1, meta['file_bytes']):.0f} % of bytes in ELF"
+            )
         if read and zstd:
             head += f"; read {read.mib_s:.0f} MiB/s, {ZSTD} {zstd.mib_s:.0f} MiB/s"
         lines += ["", head, _row([c for c, _ in COLUMNS])]

@@ -12,7 +12,8 @@ hookd (this checkout) and `nix copy` of this machine's Nix (bookworm: 2.8), and 
 Debian sid chroot (Nix 2.34, Python 3.14) against the same servers; the chroot's store gets the same closure
 (exported here, imported there: the same store paths and NARs). nix copy has no S3 here (Debian's Nix is built
 without it). Limits, on the same bytes: reading the NARs, `zstd -T0 -3 | sha256sum`, and a raw PUT of the
-precompressed NARs to each target (nginx: aiohttp, 16 in flight; S3: boto3, 8 MiB parts, 4 in flight).
+precompressed NARs to each target (nginx: aiohttp, 16 in flight; S3: boto3, 8 MiB parts, 4 in flight); each
+limit is the best of --limit-runs (2).
 
 Measured per run: wall time, MiB/s of NAR, requests per path (the server's log), peak RSS (hookd: VmHWM of the
 daemon; nix copy: wait4's maxrss), CPU seconds, hookd's peak staging bytes (its state dir's staging directory,
@@ -202,14 +203,23 @@ class Bench:
         closure = host.closure([top])
         nar_bytes = sum(int(i["narSize"]) for i in host.path_info(closure))
         say(f"{name}: {len(closure)} paths, {nar_bytes / MiB:.1f} MiB of NAR, made in {time.perf_counter() - t:.1f} s")
+        hashes = {str(i["path"]): i["narHash"] for i in host.path_info(closure)}
         for side in self.sides[1:]:
             t = time.perf_counter()
             copy_closure(host, self.nix[side.name], closure)
-            say(f"{name}: imported into the {side.name} store in {time.perf_counter() - t:.1f} s")
+            theirs = {str(i["path"]): i["narHash"] for i in self.nix[side.name].path_info(closure)}
+            if theirs != hashes:
+                raise RuntimeError(f"{name}: the {side.name} store's closure differs from this machine's")
+            say(f"{name}: imported into the {side.name} store in {time.perf_counter() - t:.1f} s (same NAR hashes)")
         zst = self.root / "zst"
         try:
             files = limits.precompress(host, closure, zst)
-            self.meta[name] = {"paths": len(closure), "nar_bytes": nar_bytes, "zstd_bytes": sum(f.size for f in files)}
+            self.meta[name] = {
+                "paths": len(closure),
+                "nar_bytes": nar_bytes,
+                "zstd_bytes": sum(f.size for f in files),
+                **workloads.describe(Path(p) for p in closure),
+            }
             warm(self.sides, closure)
             for who, fn in ((READ, limits.read_seconds), (ZSTD, limits.zstd_seconds)):
                 seconds = min(fn(host, closure) for _ in range(self.args.limit_runs))

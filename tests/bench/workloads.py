@@ -245,3 +245,16 @@ def make_corpus(nix: Store, root: Path, budget: int, trees: Iterable[Path] = COR
     top = make_top(nix, "corpus-top", add_paths(nix, sources))
     shutil.rmtree(src)
     return top
+
+
+def describe(paths: Iterable[Path]) -> dict[str, int]:
+    """What a workload holds: files, their bytes, and the bytes in ELF files (read from the store)."""
+    files = file_bytes = elf_bytes = 0
+    for path in paths:
+        for f, size in regular_files([path]) if path.is_dir() else [(path, path.stat().st_size)]:
+            files += 1
+            file_bytes += size
+            with open(f, "rb") as fh:
+                if fh.read(4) == b"\x7fELF":
+                    elf_bytes += size
+    return {"files": files, "file_bytes": file_bytes, "elf_bytes": elf_bytes}
