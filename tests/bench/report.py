@@ -99,9 +99,7 @@ def table(runs: list[Run], workloads: dict[str, dict[str, Any]]) -> str:
             f"{meta['zstd_bytes'] / MiB:.1f} MiB as zstd -3 ({100 * meta['zstd_bytes'] / meta['nar_bytes']:.0f} %)"
         )
         if "files" in meta:
-            head += (
-                f", {meta['files']} files, {100 * meta['elf_bytes'] / max(1, meta['file_bytes']):.0f} % of bytes in ELF"
-            )
+            head += f", {meta['files']} file{'s' if meta['files'] != 1 else ''}, {100 * meta['elf_bytes'] / max(1, meta['file_bytes']):.0f} % of bytes in ELF"
         if read and zstd:
             head += f"; read {read.mib_s:.0f} MiB/s, {ZSTD} {zstd.mib_s:.0f} MiB/s"
         lines += ["", head, _row([c for c, _ in COLUMNS])]
