@@ -202,7 +202,9 @@ class Bench:
         top = self.make(name)
         closure = host.closure([top])
         nar_bytes = sum(int(i["narSize"]) for i in host.path_info(closure))
-        say(f"{name}: {len(closure)} paths, {nar_bytes / MiB:.1f} MiB of NAR, made in {time.perf_counter() - t:.1f} s")
+        say(
+            f"{name}: {len(closure)} path{'s' if len(closure) != 1 else ''}, {nar_bytes / MiB:.1f} MiB of NAR, made in {time.perf_counter() - t:.1f} s"
+        )
         hashes = {str(i["path"]): i["narHash"] for i in host.path_info(closure)}
         for side in self.sides[1:]:
             t = time.perf_counter()
