@@ -15,9 +15,10 @@ without it). Limits, on the same bytes: reading the NARs, `zstd -T0 -3 | sha256s
 precompressed NARs to each target (nginx: aiohttp, 16 in flight; S3: boto3, 8 MiB parts, 4 in flight); each
 limit is the best of --limit-runs (2).
 
-Measured per run: wall time, MiB/s of NAR, requests per path (the server's log), peak RSS (hookd: VmHWM of the
-daemon; nix copy: wait4's maxrss), CPU seconds, hookd's peak staging bytes (its state dir's staging directory,
-polled) and the largest drop of free space on the file system of the state dir (noisy: other writers count).
+Measured per run: wall time, MiB/s of NAR, requests per path (the server's log), peak RSS (VmHWM of hookd's
+daemon or of nix copy; in the JSON also the largest summed RSS of its process tree), CPU seconds, peak bytes
+staged on disk (polled: hookd's staging directory, and a private TMPDIR for every contender) and the largest
+drop of free space on the file system of the state dir (noisy: other writers on the machine count).
 Also the hook's p50/p99 latency while hookd pushes the random workload, beside a bare interpreter start timed
 in turn with it. Prints one table with ratios and issue 14's targets; --json writes every record.
 
