@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,14 @@ def run_hookd(
     poll: float = 0.005,
     during: Callable[[Callable[[], bool]], Any] | None = None,
     timeout: float = 3600,
+    extra_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Start a hookd daemon on `side` (state dir `state`, as the side sees it), queue `top`, wait for `done`."""
     host_state = side.host_path(state)
     tmp = state.parent / f"{state.name}.tmp"  # a TMPDIR of its own: what it spools there counts as staged
     side.host_path(tmp).mkdir()
     argv = [side.hookd, "daemon", "--cache", url, "--state-dir", str(state), "--store-dir", nix.store_dir,
-            "--log-level", "warning"]  # fmt: skip
+            "--log-level", "warning", *extra_args]  # fmt: skip
     env = {**nix.env, "HOOKD_CONFIG": "/dev/null", "TMPDIR": str(tmp), **extra_env}
     log_file = host_state.parent / f"{host_state.name}.log"
     with open(log_file, "ab") as log:

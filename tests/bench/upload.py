@@ -263,7 +263,9 @@ class Bench:
             nix = self.nix[side.name]
             sub, url, d, mark = fresh()
             state = self.root / f"hookd-{side.name}-{sub}"
-            r = run_hookd(side, nix, state, url, top, (d / narinfo.narinfo_key(top)).exists)
+            r = run_hookd(
+                side, nix, state, url, top, (d / narinfo.narinfo_key(top)).exists, extra_args=self.args.hookd_arg
+            )
             self.check_cache(d, closure, f"hookd ({side.name})")
             r.pop("during")
             self.record(name, target, "hookd", side, closure, requests=dict(self.access.since(mark, f"/{sub}/")), **r)
@@ -318,7 +320,7 @@ class Bench:
 
         mark = log.mark()
         state = self.root / f"hookd-{side.name}-{bucket}"
-        r = run_hookd(side, nix, state, url, top, done, S3_ENV, poll=0.05)
+        r = run_hookd(side, nix, state, url, top, done, S3_ENV, poll=0.05, extra_args=self.args.hookd_arg)
         requests = log.since(mark, f"/{bucket}/")
         requests["HEAD"] -= polls  # the benchmark's own look for the top narinfo
         keys = set(server.keys(bucket))
@@ -359,7 +361,7 @@ class Bench:
         state = self.root / f"hookd-hook-{sub}"
         during = hook_probes(launcher, state, probe, bare)
         r = run_hookd(host, nix, state, f"{self.nginx.url}/{sub}", top, (d / narinfo.narinfo_key(top)).exists,
-                      during=during)  # fmt: skip
+                      during=during, extra_args=self.args.hookd_arg)  # fmt: skip
         self.hook = hook_summary(r["during"], idle, f"hookd pushes {name} to nginx on loopback")
         self.hook["push_seconds"] = r["seconds"]
         say(
@@ -414,6 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit-runs", type=int, default=2, help="runs of each limit; the best counts")
     ap.add_argument("--no-hook-latency", action="store_true")
     ap.add_argument("--idle-runs", type=int, default=100, help="bare interpreter starts timed before the pushes")
+    ap.add_argument("--hookd-arg", action="append", default=[], metavar="ARG",
+                    help="an argument added to every `hookd daemon` (repeat: --hookd-arg=--max-parallel --hookd-arg=16)")  # fmt: skip
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) for a look")
     args = ap.parse_args(argv)
