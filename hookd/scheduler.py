@@ -20,6 +20,7 @@ from .config import Config
 from .freshness import Freshness
 from .lifecycle import DONE, FAILED, PENDING
 from .metrics import Metrics
+from .publish import Extras
 from .queue import Outcome, Queue
 from .signing import SecretKey
 from .store import PathInfo
@@ -91,6 +92,7 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.cache_ready = False
         self.staging = cfg.state_dir / "staging"
+        self.extras = Extras(backend, cfg.listings, cfg.content_encoding)
 
     async def restore(self) -> None:
         """Rely again on what this daemon wrote within the protocol's window before it was restarted."""
@@ -170,6 +172,7 @@ class Scheduler:
                 self.freshness,
                 self.cfg.worker_nice,
                 elsewhere,
+                self.extras,
             )
 
     async def _upload(self, info: PathInfo) -> None:

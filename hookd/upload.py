@@ -28,6 +28,7 @@ from . import nar, narinfo, nixbase32, storepath
 from .backends import Backend, BackendError, Blob
 from .backends.file import TMP_PREFIX
 from .freshness import Freshness
+from .publish import Extras
 from .signing import SecretKey
 from .store import PathInfo
 
@@ -212,6 +213,7 @@ async def upload_path(
     freshness: Freshness,
     nice: int = 0,
     elsewhere: Iterable[str] = (),
+    extras: Extras | None = None,
 ) -> Uploaded:
     """Upload one path whose references are in the cache, under the upload/GC protocol (safety.py).
 
@@ -219,13 +221,15 @@ async def upload_path(
     verify recently (the references' narinfos, a NAR that was already there) is touched and, after
     the settle time, checked; the narinfo goes last. Raises on failure (nothing published) and
     ReferenceGone when a reference has to be uploaded again first. References in `elsewhere` (left to
-    an upstream cache) are not this cache's to touch.
+    an upstream cache) are not this cache's to touch. `extras` writes the path's listing (before any wait
+    of the protocol, which bounds the time from the check to the narinfo's PUT) and encodes the narinfo.
     """
     ni_key = narinfo.narinfo_key(info.path)
     staging = backend.staging_dir() or staging_dir
     staged = await asyncio.to_thread(stage_nar, info, compression, level, staging, MEMORY_LIMIT, nice)
     try:
         ni = make_narinfo(info, staged, compression, key)
+        body, enc = await extras.before_narinfo(info, ni) if extras else (ni.render().encode(), None)
         skip = set(elsewhere)
         refs = {narinfo.narinfo_key(r): r for r in info.references if r != info.path and r not in skip}
         relied = {ni.url: NAR_CONTENT_TYPE, **dict.fromkeys(refs, narinfo.CONTENT_TYPE)}
@@ -247,7 +251,7 @@ async def upload_path(
             )
         published, written = time.monotonic(), time.time()
         async with asyncio.timeout(freshness.bounds.request_timeout):
-            await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
+            await backend.put(ni_key, body, narinfo.CONTENT_TYPE, content_encoding=enc)
         freshness.wrote(ni_key, published)
     finally:
         staged.discard()

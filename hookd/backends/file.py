@@ -98,7 +98,11 @@ class FileBackend(Backend):
             finally:
                 os.close(fd)
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
+    async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
+        if content_encoding is not None:
+            # A directory keeps no headers: Nix's file:// store and a web server in front would hand the
+            # encoded bytes to clients as they are, which cannot read them.
+            raise PermanentBackendError(f"file cache: {key}: a directory cannot store a Content-Encoding")
         dest = self._path(key)
 
         def write() -> None:

@@ -47,6 +47,10 @@ RETRY_CODES = {
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
+class PreconditionFailed(PermanentBackendError):
+    """A conditional request's condition did not hold (HTTP 412)."""
+
+
 class S3Backend(Backend):
     def __init__(
         self,
@@ -169,8 +173,11 @@ class S3Backend(Backend):
             extra["StorageClass"] = self.storage_class
         return extra
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await self._call("put_object", key, Key=self._key(key), Body=data, **self._extra(content_type))
+    async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
+        extra = self._extra(content_type)
+        if content_encoding is not None:
+            extra["ContentEncoding"] = content_encoding
+        await self._call("put_object", key, Key=self._key(key), Body=data, **extra)
 
     async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
         if await self.exists(key):
@@ -238,11 +245,26 @@ class S3Backend(Backend):
 
     async def touch(self, key: str, content_type: str) -> bool:
         """Copy the object onto itself with replaced metadata: a new last-modified, no bytes sent.
-        A missing source answers NoSuchKey (not found): one request, no HEAD first."""
-        result = await self._call(
-            "copy_object", key, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": self._key(key)},
-            MetadataDirective="REPLACE", **self._extra(content_type),
-        )  # fmt: skip
+        A missing source answers NoSuchKey (not found): one request for a NAR. Replacing the metadata
+        drops a Content-Encoding, so an object that may carry one (narinfo, listing, log: another
+        uploader may encode them) is looked at first and its encoding kept; the copy is made only if the
+        object is still the one looked at (an object rewritten meanwhile is young anyway)."""
+        extra: dict[str, Any] = dict(self._extra(content_type))
+        if not key.startswith("nar/"):
+            head = await self._call("head_object", key, Key=self._key(key))
+            if head is None:
+                return False
+            if head.get("ContentEncoding"):
+                extra["ContentEncoding"] = head["ContentEncoding"]
+            if head.get("ETag"):
+                extra["CopySourceIfMatch"] = head["ETag"]
+        try:
+            result = await self._call(
+                "copy_object", key, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": self._key(key)},
+                MetadataDirective="REPLACE", **extra,
+            )  # fmt: skip
+        except PreconditionFailed:
+            return True
         return result is not None
 
     async def delete(self, key: str) -> None:
@@ -303,6 +325,8 @@ def _classify(what: str, e: Exception) -> None:
             raise RetryableError(f"{what}: {code or status}", True, retry_after)
         if code in RETRY_CODES or status >= 500:
             raise RetryableError(f"{what}: {code or status}", False, retry_after)
+        if code == "PreconditionFailed" or status == 412:
+            raise PreconditionFailed(f"{what}: {code or status}")
         hint = " (check the credentials and the bucket policy)" if status in (401, 403) else ""
         raise PermanentBackendError(f"{what}: {code or status}{hint}")
     if isinstance(e, bex.NoCredentialsError | bex.PartialCredentialsError | bex.ProfileNotFound):
