@@ -225,7 +225,8 @@ class Store:
             await proc.wait()
             raise StoreError(f"{argv[0]} did not answer within {TIMEOUT:g} s") from None
         if proc.returncode != 0:
-            message = stderr.decode(errors="replace").strip().splitlines()
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            message = [line for line in lines if not line.startswith("Try '")] or lines  # not the usage hint
             detail = message[-1] if message else f"exit status {proc.returncode}"
             for word in detail.replace("'", " ").split():
                 if word.startswith(self.store_dir + "/") and "is not valid" in detail:
