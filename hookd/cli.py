@@ -4,70 +4,56 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
-import os
+import json
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import __version__
 from .config import Config, ConfigError, load
 from .lifecycle import STATES
+from .render import ProgressLine, setup_logging
 
-log = logging.getLogger("hookd")
+if TYPE_CHECKING:
+    from .backends import Backend
 
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        out = {"time": record.created, "level": record.levelname.lower(), "logger": record.name,
-               "message": record.getMessage()}  # fmt: skip
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+T = TypeVar("T")
 
 
-class JournalFormatter(logging.Formatter):
-    """journald adds the time; a <N> prefix gives it the syslog priority of each line."""
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a person can act on (imported when one is raised: the command line starts fast)."""
+    from .backends import BackendError
+    from .catalog import GcError
+    from .intake import DaemonError
+    from .operator import OperatorError
+    from .pins import PinError
+    from .store import StoreError
 
-    PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = f"{record.name}: {record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return "\n".join(f"<{self.PRIORITY.get(record.levelname, 6)}>{line}" for line in text.splitlines())
+    return (BackendError, ConfigError, DaemonError, GcError, OperatorError, PinError, StoreError)
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
-    """One line per event on stderr: text, JSON, or journald's format when journald reads stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    elif fmt == "journal" or (fmt == "text" and os.environ.get("JOURNAL_STREAM")):
-        handler.setFormatter(JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    # Their debug output carries request headers (signatures, access key ids): never let it through.
-    for noisy in ("botocore", "aiobotocore", "aiohttp", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+class _Commands(click.Group):
+    """A user error ends the command with its message (exit 1); any other exception is a bug: its traceback shows."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            if isinstance(e, _user_errors()):
+                raise click.ClickException(str(e)) from None
+            raise
 
 
 def load_config(config_file: Path | None, _validate: bool = True, **overrides: Any) -> Config:
-    try:
-        cfg = load(config_file, overrides=overrides)
-        return cfg.validate() if _validate else cfg
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+    cfg = load(config_file, overrides=overrides)
+    return cfg.validate() if _validate else cfg
 
 
-@click.group()
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="hookd")
 def main() -> None:
     """hookd: upload every path your Nix builder realises to a signed binary cache."""
@@ -89,33 +75,10 @@ def main() -> None:
               help="text (journald's format when it reads stderr), json: one object per line.")  # fmt: skip
 def daemon(config_file: Path | None, log_level: str, log_format: str, **overrides: Any) -> None:
     """Run the upload daemon."""
-    from .backends import PermanentBackendError, open_backend
-    from .daemon import Daemon, DaemonError
-    from .keys import KeyPermissionError, default_key_name, load_secret_key, write_keypair
-    from .signing import KeyFileError
-    from .store import Store
+    from .daemon import serve
 
     setup_logging(log_level, log_format)
-    cfg = load_config(config_file, **overrides)
-    try:
-        if cfg.secret_key_file is None and not cfg.key_path.exists():
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            key = write_keypair(default_key_name(), cfg.key_path, cfg.state_dir / "public-key")
-            log.warning(
-                "generated signing key %s; clients trust it with: trusted-public-keys = %s",
-                cfg.key_path,
-                key.public,
-            )
-        key = load_secret_key(cfg.key_path)
-        backend = open_backend(cfg.cache, cfg)
-    except (OSError, KeyFileError, KeyPermissionError, PermanentBackendError) as e:
-        raise click.ClickException(str(e)) from None
-    log.info("signing with key %s (public: %s)", key.name, key.public)
-    store = Store(cfg.store_dir, cfg.nix_store)
-    try:
-        asyncio.run(Daemon(cfg, backend, store, key).run())
-    except DaemonError as e:
-        raise click.ClickException(str(e)) from None
+    serve(load_config(config_file, **overrides))
 
 
 @main.command()
@@ -141,45 +104,21 @@ cache_option = click.option("--cache", help="Cache URL (default: `cache` from th
 config_option = click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 
 
-def _backend(config_file: Path | None, cache: str | None) -> tuple[Config, Any]:
-    from .backends import PermanentBackendError, open_backend
+def _backend(config_file: Path | None, cache: str | None) -> tuple[Config, Backend]:
+    from .backends import open_backend
 
     cfg = load_config(config_file, cache=cache)
-    try:
-        return cfg, open_backend(cfg.cache, cfg)
-    except PermanentBackendError as e:
-        raise click.ClickException(str(e)) from None
+    return cfg, open_backend(cfg.cache, cfg)
 
 
-class ProgressLine:
-    """One self-overwriting line on a terminal; silent otherwise."""
+def _on_cache(backend: Backend, work: Callable[[Backend], Awaitable[T]]) -> T:
+    """Run `work` against the cache, and close it."""
 
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
+    async def go() -> T:
+        async with backend:
+            return await work(backend)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        import time
-
-        now = time.monotonic()
-        if not self.tty or (now - self.last < 0.1 and done != total):
-            return
-        self.last = now
-        text = f"{stage}: {done}/{total}" if total else f"{stage}: {done}"
-        sys.stderr.write(f"\r\033[K{text}")
-        if done == total and total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def _run(coro: Any) -> Any:
-    from .backends import BackendError
-    from .gc import GcError
-
-    try:
-        return asyncio.run(coro)
-    except (GcError, BackendError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    return asyncio.run(go())
 
 
 @main.command()
@@ -198,13 +137,10 @@ def gc(
     lease: str, dry_run: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Garbage-collect a throwaway cache: keep pins and recent closures, delete the rest safely."""
-    import json
-    import time
-
     from . import gc as gcmod
+    from .render import gc_report
     from .safety import BoundsError
-    from .sweep import sweep
-    from .units import format_size, parse_duration, parse_size
+    from .units import parse_duration, parse_size
 
     setup_logging("warning")
     try:
@@ -214,63 +150,16 @@ def gc(
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     cfg, backend = _backend(config_file, cache)
-    if grace_s is None:
-        grace_s = cfg.gc_grace
-    bounds = dataclasses.replace(cfg.bounds, grace=grace_s)
+    bounds = dataclasses.replace(cfg.bounds, grace=cfg.gc_grace if grace_s is None else grace_s)
     try:
         bounds.check()
     except BoundsError as e:
         raise click.BadParameter(str(e)) from None
-    progress = ProgressLine()
-
-    async def collect() -> dict[str, Any]:
-        try:
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
-            index = gcmod.NarinfoIndex(gcmod.index_path(cfg.state_dir, backend.url))
-        except OSError:
-            index = gcmod.NarinfoIndex(None)  # no state directory: every narinfo is read
-        snap = await gcmod.snapshot(backend, index, progress)
-        plan = gcmod.plan(snap, now=time.time(), older_than=retention, grace=grace_s, max_size=budget)
-        out = {"cache": backend.url, "dry_run": dry_run, "narinfo_reads": snap.narinfo_reads, **plan.to_json()}
-        if not dry_run:
-            result = await sweep(backend, snap, plan.candidates, bounds, progress)
-            out["deleted"] = {
-                "objects": result.deleted, "bytes": result.bytes, "spared": result.spared,
-                "not_checked": result.given_up,
-            }  # fmt: skip
-        return out
-
-    async def go() -> dict[str, Any]:
-        try:
-            if dry_run:  # reads only: no lease needed
-                return await collect()
-            async with gcmod.Lease(backend, lease_s, bounds.max_skew):
-                return await collect()
-        finally:
-            await backend.close()
-
-    out = _run(go())
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-        return
-    click.echo(f"{'dry run: ' if dry_run else ''}GC of {out['cache']} ({out['narinfo_reads']} narinfos read)")
-    for name, cat in out["stats"].items():
-        click.echo(f"  {name:42} {cat['count']:>8}  {format_size(cat['bytes']):>10}")
-    if out["dropped_roots"]:
-        click.echo(f"  over the size budget: the {out['dropped_roots']} oldest roots are not kept")
-    for key, why in list(out["broken"].items())[:20]:
-        click.echo(f"  broken: {key}: {why}")
-    for key, why in list(out["malformed"].items())[:20]:
-        click.echo(f"  malformed (kept, skipped): {key}: {why}")
-    for key in out["unknown"][:20]:
-        click.echo(f"  unknown object (kept): {key}")
-    if "deleted" in out:
-        d = out["deleted"]
-        click.echo(
-            f"deleted {d['objects']} objects ({format_size(d['bytes'])}); {d['spared']} spared (refreshed or "
-            f"re-uploaded meanwhile, with what they refer to)"
-            + (f"; {d['not_checked']} left for the next run (sweep window closed)" if d["not_checked"] else "")
-        )
+    out = _on_cache(backend, lambda b: gcmod.collect(
+        b, cfg.state_dir, bounds, older_than=retention, max_size=budget, lease=lease_s, dry_run=dry_run,
+        progress=ProgressLine(),
+    ))  # fmt: skip
+    click.echo(json.dumps(out, indent=2) if as_json else "\n".join(gc_report(out)))
 
 
 @main.command()
@@ -285,9 +174,8 @@ def verify(
     as_json: bool,
 ) -> None:  # fmt: skip
     """Check that the cache is whole; exit 1 if it is not (and was not repaired)."""
-    import json
-
     from .keys import read_public_key
+    from .render import verify_report
     from .signing import KeyFileError
     from .verify import verify as run_verify
 
@@ -297,27 +185,8 @@ def verify(
     except (OSError, KeyFileError) as e:
         raise click.ClickException(f"public key {public_key_file}: {e}") from None
     _, backend = _backend(config_file, cache)
-
-    async def go() -> Any:
-        try:
-            return await run_verify(backend, key, deep, repair, ProgressLine())
-        finally:
-            await backend.close()
-
-    report = _run(go())
-    if as_json:
-        click.echo(json.dumps({"narinfos": report.narinfos, "broken": report.broken,
-                               "unknown": report.unknown,
-                               "repaired": report.repaired, "whole": report.whole}, indent=2))  # fmt: skip
-    else:
-        for k, why in sorted(report.broken.items()):
-            click.echo(f"broken: {k}: {why}")
-        for k in report.unknown[:20]:
-            click.echo(f"unknown object: {k}")
-        state = "whole" if report.whole else f"{len(report.broken)} broken narinfos"
-        click.echo(f"{report.narinfos} narinfos checked{' (deep)' if deep else ''}: {state}")
-        if report.repaired:
-            click.echo(f"repaired: deleted {len(report.repaired)} broken narinfos")
+    report = _on_cache(backend, lambda b: run_verify(b, key, deep, repair, ProgressLine()))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else "\n".join(verify_report(report, deep)))
     if report.broken and not repair:
         sys.exit(1)
 
@@ -330,27 +199,18 @@ def verify(
 @config_option
 def pin_cmd(name: str | None, store_path: str | None, list_: bool, cache: str | None, config_file: Path | None) -> None:
     """Pin STORE-PATH (and its closure) in the cache under NAME, so GC keeps it."""
-    from . import gc as gcmod
+    from . import pins
 
-    _, backend = _backend(config_file, cache)
-
-    async def go() -> Any:
-        try:
-            if list_:
-                return await gcmod.list_pins(backend)
-            if not name or not store_path:
-                raise click.UsageError("give NAME and STORE-PATH, or --list")
-            await gcmod.pin(backend, name, store_path)
-            return None
-        finally:
-            await backend.close()
-
-    pins = _run(go())
     if list_:
-        for n, p in sorted(pins.items()):
+        _, backend = _backend(config_file, cache)
+        for n, p in sorted(_on_cache(backend, pins.list_pins).items()):
             click.echo(f"{n}\t{p}")
-    else:
-        click.echo(f"pinned {store_path} as {name}")
+        return
+    if not name or not store_path:
+        raise click.UsageError("give NAME and STORE-PATH, or --list")
+    _, backend = _backend(config_file, cache)
+    _on_cache(backend, lambda b: pins.pin(b, name, store_path))
+    click.echo(f"pinned {store_path} as {name}")
 
 
 @main.command()
@@ -359,17 +219,10 @@ def pin_cmd(name: str | None, store_path: str | None, list_: bool, cache: str | 
 @config_option
 def unpin(name: str, cache: str | None, config_file: Path | None) -> None:
     """Remove the pin NAME (GC may then collect what only it kept)."""
-    from . import gc as gcmod
+    from . import pins
 
     _, backend = _backend(config_file, cache)
-
-    async def go() -> bool:
-        try:
-            return await gcmod.unpin(backend, name)
-        finally:
-            await backend.close()
-
-    if not _run(go()):
+    if not _on_cache(backend, lambda b: pins.unpin(b, name)):
         raise click.ClickException(f"no pin named {name!r}")
     click.echo(f"unpinned {name}")
 
@@ -388,106 +241,53 @@ def push(
     config_file: Path | None,
 ) -> None:  # fmt: skip
     """Queue store paths for upload (for example after a substitution, which post-build-hook never sees)."""
-    from . import gc as gcmod
-    from . import hook, protocol
+    from . import hook, operator, pins, protocol
 
     if not closure:
         raise click.UsageError("hookd uploads closures only: a path whose references are missing is unusable")
     cfg = load_config(config_file, cache=cache or "file:///unused", _validate=False)
-    store_paths = tuple(p if p.startswith(cfg.store_dir + "/") else os.path.realpath(p) for p in paths)
-    if any(p.endswith(".drv") for p in store_paths):  # its outputs, on every Nix (see Store.resolve)
-        from .store import Store, StoreError
-
-        try:
-            store_paths = tuple(asyncio.run(Store(cfg.store_dir, cfg.nix_store).resolve(store_paths)))
-        except StoreError as e:
-            raise click.ClickException(str(e)) from None
-    answered = True
-    try:
-        ok, detail = hook.send(str(cfg.socket_path), protocol.Command("PUSH", store_paths).encode(), timeout=10)
-    except OSError as e:
-        ok, detail, answered = False, f"cannot reach {cfg.socket_path}: {e.strerror or e}", False
-    if not ok:
-        if answered:  # the daemon said no: spooling the same request would not change its mind
-            raise click.ClickException(f"the daemon refused: {detail}")
-        try:
-            spooled = hook.spool(str(cfg.spool_path), protocol.Enqueue(None, store_paths).encode())
-        except OSError as e:
-            raise click.ClickException(f"daemon: {detail}; spool {cfg.spool_path}: {e.strerror}") from None
-        click.echo(f"daemon: {detail}; spooled to {spooled} (the daemon picks it up when it starts)")
+    store_paths, sent = operator.push(cfg, paths)
+    if sent.outcome == hook.REFUSED:  # spooling the same request would not change the daemon's mind
+        raise click.ClickException(f"the daemon refused: {sent.detail}")
+    if sent.outcome == hook.LOST:
+        raise click.ClickException(f"daemon: {sent.detail}; spool {cfg.spool_path}: {sent.error}")
+    if sent.outcome == hook.SPOOLED:
+        click.echo(f"daemon: {sent.detail}; spooled to {sent.spooled} (the daemon picks it up when it starts)")
         if wait:
             raise click.ClickException("not waiting: the daemon is not running")
     else:
-        click.echo(f"queued {len(store_paths)} paths ({detail})")
+        click.echo(f"queued {len(store_paths)} paths ({sent.detail})")
     if pin_name:
         _, backend = _backend(config_file, cache)
-
-        async def go() -> None:
-            try:
-                await gcmod.pin(backend, pin_name, store_paths[-1], require_present=False)
-            finally:
-                await backend.close()
-
-        _run(go())
+        _on_cache(backend, lambda b: pins.pin(b, pin_name, store_paths[-1], require_present=False))
         click.echo(f"pinned {store_paths[-1]} as {pin_name}")
-    if wait and ok:
-        sys.exit(_wait_for(cfg, int(detail.split()[-1])))
+    request_id = protocol.queued_id(sent.detail)
+    if wait and request_id is not None:
+        sys.exit(_wait_for(cfg, request_id))
 
 
 def _wait_for(cfg: Config, request_id: int) -> int:
     """Follow one request until each path it planned is uploaded, failed or blocked; the exit status."""
-    import time
-
-    from . import protocol
-    from .lifecycle import FINAL, UNSUCCESSFUL
-    from .operator import OperatorError, ask
-    from .units import format_duration
+    from . import render
+    from .operator import RequestWatch, watch_request
 
     tty = sys.stdout.isatty()
-    label = {"done": "uploaded", "upstream": "left to upstream", "failed": "FAILED", "blocked": "BLOCKED",
-             "dropped": "dropped"}  # fmt: skip
-    reported: dict[str, str] = {}
     start = time.monotonic()
-    said = ""
-    while True:
-        try:
-            status = ask(cfg, protocol.Command("REQUEST", (str(request_id),)))
-        except OperatorError as e:
-            raise click.ClickException(str(e)) from None
-        if status is None:
-            raise click.ClickException(f"the daemon stopped; request {request_id} stays queued for its next start")
-        if status["state"] == "failed":
-            raise click.ClickException(f"request {request_id} failed: {status['error']}")
-        if status["state"] == "new" and status["error"] and status["error"] != said:
-            said = status["error"]
-            click.echo(f"not planned yet: {said} (retrying)", err=True)
-        rows: dict[str, dict[str, Any]] = status["paths"]
-        for p, row in rows.items():
-            if row["state"] in FINAL and p not in reported:
-                reported[p] = row["state"]
-                if not tty:
-                    err = f": {row['error']}" if row["state"] in UNSUCCESSFUL else ""
-                    click.echo(f"{label[row['state']]} {p}{err}")
-        planned = status["state"] == "planned"
+    watch = RequestWatch(request_id)
+    for watch in watch_request(cfg, request_id):
+        if watch.note:
+            click.echo(f"not planned yet: {watch.note} (retrying)", err=True)
         if tty:
-            failed = sum(1 for v in reported.values() if v in UNSUCCESSFUL)
-            total = max(1, len(rows))
-            bar_done = int(30 * len(reported) / total) if planned else 0
-            click.echo(f"\r\033[K[{'#' * bar_done}{'.' * (30 - bar_done)}] {len(reported)}/{len(rows)} paths"
-                       f"{f', {failed} failed' if failed else ''} ({format_duration(time.monotonic() - start)})",
-                       nl=False)  # fmt: skip
-        if planned and len(reported) == len(rows):
-            break
-        time.sleep(0.2)
+            click.echo(render.request_bar(watch, time.monotonic() - start), nl=False)
+        for p in watch.new if not tty else ():
+            click.echo(render.path_ended(p, watch.paths[p]))
     if tty:
         click.echo()
-    bad = {p: rows[p] for p, st in reported.items() if st in UNSUCCESSFUL}
-    for p, row in bad.items() if tty else ():
-        click.echo(f"{row['state']}: {p}: {row['error'] or row['state']}")
-    causes = sorted({row["error"] for row in bad.values() if row["state"] == "failed"})
-    if causes:
-        click.echo(f"root cause: {causes[0]}", err=True)
-    return 1 if bad else 0
+        for line in render.unsuccessful(watch.unsuccessful):
+            click.echo(line)
+    if cause := watch.root_cause:
+        click.echo(f"root cause: {cause}", err=True)
+    return 1 if watch.unsuccessful else 0
 
 
 # --- the queue ----------------------------------------------------------------------------------
@@ -502,46 +302,10 @@ def _operator_cfg(config_file: Path | None) -> Config:
 @click.option("--json", "as_json", is_flag=True)
 def status(config_file: Path | None, as_json: bool) -> None:
     """Is the daemon up, how deep is the queue, how fast is it going, what went wrong, does the cache answer?"""
-    import json
-    import time
+    from . import operator, render
 
-    from .operator import OperatorError, cache_answers
-    from .operator import status as get_status
-    from .units import format_duration, format_size
-
-    cfg = _operator_cfg(config_file)
-    try:
-        st = get_status(cfg)
-    except OperatorError as e:
-        raise click.ClickException(str(e)) from None
-    cache_error = cache_answers(cfg) if cfg.cache else "no cache configured"
-    st["cache"] = {"url": cfg.cache or None, "answers": cache_error is None, "error": cache_error}
-    if as_json:
-        click.echo(json.dumps(st, indent=2))
-        return
-    d, c = st["daemon"], st["counts"]
-    up = f"up (pid {d['pid']}, for {format_duration(d['uptime'])})" if d["up"] else "NOT RUNNING"
-    click.echo(f"{'daemon':10} {up}")
-    click.echo(
-        f"{'cache':10} {cfg.cache or '-'}: {'answers' if cache_error is None else 'DOES NOT ANSWER: ' + cache_error}"
-    )
-    click.echo(
-        f"{'queue':10} {c['pending']} pending, {c['uploading']} uploading, {c['failed']} failed, "
-        f"{c['blocked']} blocked, {c['done']} done, {c['upstream']} upstream, {c['dropped']} dropped; "
-        f"{c['requests to plan']} requests to plan"
-    )
-    rates = "  ".join(f"{k}: {v['paths']} paths, {format_size(v['bytes'])}" for k, v in st["uploaded"].items())
-    click.echo(f"{'uploaded':10} {rates}")
-    total = st["uploaded_total"]
-    click.echo(f"{'':10} in all: {total['paths']} paths, {format_size(total['bytes'])}")
-    if st["oldest_pending"]:
-        o = st["oldest_pending"]
-        click.echo(f"{'oldest':10} {o['path']} (waiting {format_duration(o['age'])})")
-    if st["last_errors"]:
-        click.echo("last errors:")
-        for err in st["last_errors"]:
-            when = time.strftime("%H:%M:%S", time.localtime(err["time"]))
-            click.echo(f"  {when} {err['state']:8} {err['path']}: {err['error']}")
+    st = operator.status(_operator_cfg(config_file))
+    click.echo(json.dumps(st, indent=2) if as_json else "\n".join(render.status(st)))
 
 
 @main.group(invoke_without_command=True)
@@ -551,43 +315,13 @@ def status(config_file: Path | None, as_json: bool) -> None:
 @click.pass_context
 def queue(ctx: click.Context, state: str | None, as_json: bool, config_file: Path | None) -> None:
     """List the queue (newest first); subcommands show, retry and drop act on it."""
-    import json
-    import time
-
-    from .operator import OperatorError, ask, with_queue
-    from .protocol import Command
-    from .units import format_duration, format_size
+    from . import operator, render
 
     ctx.obj = config_file
     if ctx.invoked_subcommand:
         return
-    cfg = _operator_cfg(config_file)
-    try:
-        inflight = set((ask(cfg, Command("STATUS")) or {"daemon": {}})["daemon"].get("inflight", []))
-        rows = asyncio.run(with_queue(cfg, lambda q: q.list_paths(None if state == "uploading" else state)))
-    except OperatorError as e:
-        raise click.ClickException(str(e)) from None
-    for r in rows:
-        if r["path"] in inflight:
-            r["state"] = "uploading"
-    if state == "uploading":
-        rows = [r for r in rows if r["state"] == "uploading"]
-    elif state == "pending":
-        rows = [r for r in rows if r["state"] == "pending"]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo("the queue is empty" + (f" (state {state})" if state else ""))
-        return
-    now = time.time()
-    width = max(len(r["path"]) for r in rows)
-    click.echo(f"{'PATH':{width}}  {'STATE':9} {'TRIES':>5}  {'SIZE':>10}  {'NEXT TRY':>9}  ERROR")
-    for r in rows:
-        nxt = format_duration(r["next_try"] - now) if r["state"] == "pending" and r["next_try"] > now else ""
-        size = format_size(r["file_size"]) if r["file_size"] else ""
-        err = (r["last_error"] or "").removeprefix(r["path"] + ": ")[:80] if r["state"] != "done" else ""
-        click.echo(f"{r['path']:{width}}  {r['state']:9} {r['attempts']:>5}  {size:>10}  {nxt:>9}  {err}")
+    rows = operator.list_queue(_operator_cfg(config_file), state)
+    click.echo(json.dumps(rows, indent=2) if as_json else "\n".join(render.queue_table(rows, state, time.time())))
 
 
 @queue.command("show")
@@ -596,36 +330,10 @@ def queue(ctx: click.Context, state: str | None, as_json: bool, config_file: Pat
 @click.pass_obj
 def queue_show(config_file: Path | None, path: str, as_json: bool) -> None:
     """A path's state, attempts, last error, next retry and history."""
-    import json
-    import time
+    from . import operator, render
 
-    from .operator import OperatorError, with_queue
-
-    cfg = _operator_cfg(config_file)
-    path = path if path.startswith(cfg.store_dir + "/") else os.path.realpath(path)
-    try:
-        row = asyncio.run(with_queue(cfg, lambda q: q.path_detail(path)))
-    except OperatorError as e:
-        raise click.ClickException(str(e)) from None
-    if row is None:
-        raise click.ClickException(f"{path} is not in the queue")
-    if as_json:
-        click.echo(json.dumps(row, indent=2))
-        return
-
-    def at(t: float) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-    click.echo(f"path        {row['path']}\nstate       {row['state']}\nattempts    {row['attempts']}")
-    if row["state"] == "pending" and row["next_try"] > time.time():
-        click.echo(f"next try    {at(row['next_try'])}")
-    if row["last_error"]:
-        click.echo(f"last error  {row['last_error']}")
-    click.echo(f"references  {len(row['references'])}")
-    click.echo("history:")
-    for ev in row["history"]:
-        detail = f" ({ev['detail']})" if ev["detail"] else ""
-        click.echo(f"  {at(ev['time'])}  {ev['event']}{detail}")
+    row = operator.path_detail(_operator_cfg(config_file), path)
+    click.echo(json.dumps(row, indent=2) if as_json else "\n".join(render.path_detail(row, time.time())))
 
 
 @queue.command("retry")
@@ -634,14 +342,11 @@ def queue_show(config_file: Path | None, path: str, as_json: bool) -> None:
 @click.pass_obj
 def queue_retry(config_file: Path | None, paths: tuple[str, ...], failed: bool) -> None:
     """Try failed (or backing-off) paths again now."""
-    from .operator import OperatorError, retry
+    from .operator import retry
 
     if not paths and not failed:
         raise click.UsageError("give paths, or --failed")
-    try:
-        n = retry(_operator_cfg(config_file), list(paths), failed)
-    except OperatorError as e:
-        raise click.ClickException(str(e)) from None
+    n = retry(_operator_cfg(config_file), list(paths), failed)
     click.echo(f"{n} paths queued for another try")
 
 
@@ -650,12 +355,9 @@ def queue_retry(config_file: Path | None, paths: tuple[str, ...], failed: bool) 
 @click.pass_obj
 def queue_drop(config_file: Path | None, paths: tuple[str, ...]) -> None:
     """Stop trying to upload paths (and the queued paths that need them)."""
-    from .operator import OperatorError, drop
+    from .operator import drop
 
-    try:
-        dropped = drop(_operator_cfg(config_file), list(paths))
-    except OperatorError as e:
-        raise click.ClickException(str(e)) from None
+    dropped = drop(_operator_cfg(config_file), list(paths))
     for p in dropped:
         click.echo(f"dropped {p}")
     if not dropped:
@@ -672,26 +374,9 @@ def install_hook(dest: Path, python: str) -> None:
     nix-daemon's environment) and imports only hookd.hook: about a third of the start-up time of the
     `hookd-hook` console script, which nix-daemon waits for after every build.
     """
-    import os
-    import tempfile
+    from .operator import write_launcher
 
-    import hookd
-
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(hookd.__file__)))
-    text = (
-        f"#!{python} -IS\n"
-        "# hookd post-build-hook launcher, written by `hookd install-hook`\n"
-        "import sys\n"
-        f"sys.path.insert(0, {package_root!r})\n"
-        "from hookd.hook import main\n"
-        "main()\n"
-    )
-    dest = dest.absolute()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, dest)
+    dest = write_launcher(dest, python)
     click.echo(f"wrote {dest}; in nix.conf: post-build-hook = {dest}")
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +44,9 @@ class Config:
     store_dir: str = "/nix/store"
     nix_store: str | None = None
     """Passed to Nix as --store when querying path info (for example 'daemon'); default: Nix's own."""
-    max_parallel: int = 8
-    """Paths uploaded at the same time."""
+    max_parallel: int = 64
+    """At most this many paths upload at once. The scheduler starts at 8 (or this, if lower) and adapts:
+    more while the backend answers as fast as it can, fewer when it throttles or slows down."""
     worker_nice: int = 10
     """Added niceness of the threads that hash and compress NARs (builds and the hook come first)."""
     priority: int = 50
@@ -53,17 +56,19 @@ class Config:
     socket_group: str | None = None
     """Group that owns the socket (mode 0660)."""
     max_bytes_in_flight: int = 512 << 20
-    """NAR bytes being staged or uploaded at once (a single larger path still goes, alone)."""
+    """Memory that uploads in flight may hold: a small NAR counts its size, a streamed one what it
+    buffers at most (S3: part_size times part_concurrency + 1); nothing is staged on disk."""
     request_attempts: int = 6
     """Tries per remote request (backoff with full jitter) before the path goes back to the queue."""
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_connections: int = 32
     """Connection pool size of a remote backend."""
-    multipart_threshold: int = 32 << 20
+    multipart_threshold: int = 8 << 20
     part_size: int = 8 << 20
-    part_concurrency: int = 4
-    """S3: NARs from this size go up as multipart uploads of part_size, this many parts at a time."""
+    part_concurrency: int = 2
+    """S3: compressed NARs from this size go up as multipart uploads of part_size, this many parts at a
+    time, each sent as soon as the stream has filled it."""
     s3_credentials_file: Path | None = None
     """S3: an AWS shared-credentials file (default: botocore's chain: environment, profile, role)."""
     http_token_file: Path | None = None
@@ -180,35 +185,47 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)  # the annotations as types (they are strings in the source)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
-    kind = str(_FIELDS[name].type)
+    """A setting's value (from TOML, an environment variable or a flag) as its field's type."""
+    kind = _TYPES[name]
+    if value is None:
+        return None
     try:
-        if value is None:
-            return None
-        if "Path" in kind:
-            return Path(value)
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if "list[str]" in kind:
-            return value.replace(",", " ").split() if isinstance(value, str) else [str(v) for v in value]
-        if "list[int]" in kind:
-            items = value.replace(",", " ").split() if isinstance(value, str) else value
-            return [int(v) for v in items]
-        if "int" in kind:
-            return int(value)
-        if "float" in kind:
-            return float(value)
-        return str(value)
+        return _convert(kind, value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {kind}") from None
+        raise ConfigError(f"{source}: {name} = {value!r} is not a valid {_type_name(kind)}") from None
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):  # `X | None`: an optional setting given a value
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value)
+    if origin is list:  # a TOML array, or a string of items separated by commas or spaces
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        return [_convert(args[0], v) for v in items]
+    if kind is bool:
+        return _boolean(value)
+    if kind in (str, int, float, Path):
+        return kind(value)
+    raise TypeError(f"no conversion to {kind}")
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _type_name(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("pathlib.", "")
 
 
 def load(

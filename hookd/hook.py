@@ -79,29 +79,62 @@ def spool(directory: str, request: bytes) -> str:
     return final
 
 
+SENT, REFUSED, SPOOLED, LOST = "sent", "refused", "spooled", "lost"
+
+
+class Delivery:
+    """What became of a request: `sent` (the daemon committed it), `refused` (the daemon answered ERR),
+    `spooled` (to `spooled`, for the daemon's next start) or `lost` (the spool failed too: `error`).
+    `detail` is the daemon's answer, or why there was none."""
+
+    __slots__ = ("detail", "error", "outcome", "spooled")
+
+    def __init__(self, outcome: str, detail: str, spooled: str = "", error: str = "") -> None:
+        self.outcome = outcome
+        self.detail = detail
+        self.spooled = spooled
+        self.error = error
+
+
+def deliver(
+    sock: str, spool_to: str, request: bytes, timeout: float = TIMEOUT, spool_request: bytes = b"",
+    spool_refused: bool = True,
+) -> Delivery:  # fmt: skip
+    """Send a request to the daemon; spool it (or `spool_request`) when no daemon answers, and also when
+    the daemon refuses it if `spool_refused` (the hook: a daemon shutting down refuses, and must not lose it)."""
+    answered = False
+    try:
+        ok, detail = send(sock, request, timeout)
+        answered = True
+    except TimeoutError:
+        ok, detail = False, f"no answer from {sock} within {timeout:g} s"
+    except OSError as e:
+        ok, detail = False, f"cannot reach {sock}: {e.strerror or e}"
+    if ok:
+        return Delivery(SENT, detail)
+    if answered and not spool_refused:
+        return Delivery(REFUSED, detail)
+    try:
+        return Delivery(SPOOLED, detail, spooled=spool(spool_to, spool_request or request))
+    except OSError as e:
+        return Delivery(LOST, detail, error=e.strerror or str(e))
+
+
 def run(env: os._Environ[str] | dict[str, str]) -> str | None:
     """Deliver this build's paths; return a line to print, or None when all went well."""
     req = protocol.enqueue_from_env(env.get("OUT_PATHS", ""), env.get("DRV_PATH", ""))
     if req.drv is None and not req.outs:
         return "hookd-hook: OUT_PATHS and DRV_PATH are both empty; nothing to queue"
-    request = req.encode()
-    try:
-        ok, detail = send(socket_path(env), request)
-    except TimeoutError:
-        ok, detail = False, f"no answer from {socket_path(env)} within {TIMEOUT:g} s"
-    except OSError as e:
-        ok, detail = False, f"cannot reach {socket_path(env)}: {e.strerror or e}"
-    if ok:
-        return None
     where = spool_dir(env)
-    try:
-        spooled = spool(where, request)
-    except OSError as e:
+    done = deliver(socket_path(env), where, req.encode())
+    if done.outcome == SENT:
+        return None
+    if done.outcome == LOST:
         return (
-            f"hookd-hook: LOST {req.drv or ' '.join(req.outs)}: daemon: {detail}; spool {where}: "
-            f"{e.strerror or e} (these paths were not queued: start hookd or fix its spool directory)"
+            f"hookd-hook: LOST {req.drv or ' '.join(req.outs)}: daemon: {done.detail}; spool {where}: "
+            f"{done.error} (these paths were not queued: start hookd or fix its spool directory)"
         )
-    return f"hookd-hook: daemon: {detail}; spooled to {spooled}"
+    return f"hookd-hook: daemon: {done.detail}; spooled to {done.spooled}"
 
 
 def main() -> None:

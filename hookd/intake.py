@@ -16,6 +16,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol, storepath
@@ -61,27 +62,22 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+@dataclass(eq=False)
 class Intake:
     """Serves the socket and drains the spool into the queue; `on_request` wakes the planner."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        queue: Queue,
-        metrics: Metrics,
-        on_request: Callable[[], None],
-        command: CommandHandler,
-        stopping: asyncio.Event,
-    ) -> None:
-        self.cfg = cfg
-        self.queue = queue
-        self.metrics = metrics
-        self.on_request = on_request
-        self.command = command
-        self.stopping = stopping
-        self.allowed_uids = set(cfg.allowed_uids) | {os.getuid()}
-        self._server: asyncio.base_events.Server | None = None
-        self._owns_socket = False
+    cfg: Config
+    queue: Queue
+    metrics: Metrics
+    on_request: Callable[[], None]
+    command: CommandHandler  # operator commands, answered by the daemon
+    stopping: asyncio.Event
+    allowed_uids: set[int] = field(init=False)
+    _server: asyncio.base_events.Server | None = field(default=None, init=False)
+    _owns_socket: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.allowed_uids = set(self.cfg.allowed_uids) | {os.getuid()}
 
     # --- the socket ---------------------------------------------------------------------------------
 
@@ -180,7 +176,7 @@ class Intake:
         self.metrics.requests.inc()
         log.info("queued request %d: %s", rid, req.drv if not req.outs else " ".join(req.outs))
         self.on_request()
-        return protocol.ok(f"queued {rid}")
+        return protocol.queued(rid)
 
     def peer_allowed(self, uid: int) -> bool:
         if uid in self.allowed_uids:

@@ -49,6 +49,13 @@ EVENT_OF = {DONE: "uploaded", FAILED: "failed", PENDING: "retry", BLOCKED: "bloc
 """The history event recorded when an upload attempt ends in a state."""
 
 
+# A request (what the hook, the spool or `hookd push` handed over) is new until the planner has turned it
+# into the paths of its closure (planned), or has given up on it (failed: its .drv or paths are not valid).
+REQUEST_NEW = "new"
+REQUEST_PLANNED = "planned"
+REQUEST_FAILED = "failed"
+
+
 def sql_list(states: tuple[str, ...]) -> str:
     """States as an SQL list literal (they are constants, never input)."""
     return "(" + ", ".join(f"'{s}'" for s in states) + ")"

@@ -73,6 +73,43 @@ def fingerprint(store_path: str, nar_hash: bytes, nar_size: int, references: Ite
 
 def parse(text: str | bytes, store_dir: str | None = None) -> NarInfo:
     """Parse a narinfo as found in the wild: any field order, SRI or hex hashes, CRLF, unknown fields."""
+    fields, sigs = _fields(text)
+    path = _need(fields, "StorePath")
+    try:
+        storepath.check(path, store_dir or path.rsplit("/", 1)[0])
+    except storepath.StorePathError as e:
+        raise NarInfoError(f"StorePath: {e}") from None
+    url = _need(fields, "URL")
+    try:
+        nar_hash = nixbase32.parse_hash(_need(fields, "NarHash"))
+        file_hash = nixbase32.parse_hash(fields.pop("FileHash")) if "FileHash" in fields else None
+    except (ValueError, KeyError) as e:
+        raise NarInfoError(f"bad hash: {e}") from None
+    try:
+        nar_size = int(_need(fields, "NarSize"))
+        file_size = int(fields.pop("FileSize")) if "FileSize" in fields else None
+    except ValueError as e:
+        raise NarInfoError(f"bad size: {e}") from None
+    if nar_size < 0 or (file_size is not None and file_size < 0):
+        raise NarInfoError("negative size")
+    return NarInfo(
+        store_path=path,
+        url=url,
+        nar_hash=nar_hash,
+        nar_size=nar_size,
+        compression=fields.pop("Compression", "bzip2"),
+        file_hash=file_hash,
+        file_size=file_size,
+        references=_references(fields.pop("References", "")),
+        deriver=_deriver(fields.pop("Deriver", None)),
+        sigs=sigs,
+        ca=fields.pop("CA", None) or None,
+        extra=fields,
+    )
+
+
+def _fields(text: str | bytes) -> tuple[dict[str, str], list[str]]:
+    """The `Name: value` lines: each field once, but `Sig` any number of times."""
     if isinstance(text, bytes):
         try:
             text = text.decode()
@@ -94,58 +131,31 @@ def parse(text: str | bytes, store_dir: str | None = None) -> NarInfo:
             raise NarInfoError(f"field {key} appears twice")
         else:
             fields[key] = value
+    return fields, sigs
 
-    def need(key: str) -> str:
-        if key not in fields:
-            raise NarInfoError(f"missing mandatory field {key}")
-        return fields.pop(key)
 
-    path = need("StorePath")
-    sdir = store_dir or path.rsplit("/", 1)[0]
-    try:
-        storepath.check(path, sdir)
-    except storepath.StorePathError as e:
-        raise NarInfoError(f"StorePath: {e}") from None
-    url = need("URL")
-    try:
-        nar_hash = nixbase32.parse_hash(need("NarHash"))
-        file_hash = nixbase32.parse_hash(fields.pop("FileHash")) if "FileHash" in fields else None
-    except (ValueError, KeyError) as e:
-        raise NarInfoError(f"bad hash: {e}") from None
-    try:
-        nar_size = int(need("NarSize"))
-        file_size = int(fields.pop("FileSize")) if "FileSize" in fields else None
-    except ValueError as e:
-        raise NarInfoError(f"bad size: {e}") from None
-    if nar_size < 0 or (file_size is not None and file_size < 0):
-        raise NarInfoError("negative size")
+def _need(fields: dict[str, str], key: str) -> str:
+    if key not in fields:
+        raise NarInfoError(f"missing mandatory field {key}")
+    return fields.pop(key)
+
+
+def _references(value: str) -> list[str]:
     refs = []
-    for r in fields.pop("References", "").split():
+    for r in value.split():
         base = storepath.basename(r)
         try:
             storepath.check_basename(base)
         except storepath.StorePathError as e:
             raise NarInfoError(f"References: {e}") from None
         refs.append(base)
-    deriver = fields.pop("Deriver", None)
-    if deriver in ("", "unknown-deriver"):
-        deriver = None
-    elif deriver is not None:
-        deriver = storepath.basename(deriver)
-    return NarInfo(
-        store_path=path,
-        url=url,
-        nar_hash=nar_hash,
-        nar_size=nar_size,
-        compression=fields.pop("Compression", "bzip2"),
-        file_hash=file_hash,
-        file_size=file_size,
-        references=refs,
-        deriver=deriver,
-        sigs=sigs,
-        ca=fields.pop("CA", None) or None,
-        extra=fields,
-    )
+    return refs
+
+
+def _deriver(value: str | None) -> str | None:
+    if value in (None, "", "unknown-deriver"):
+        return None
+    return storepath.basename(value)
 
 
 def nar_key(file_hash: bytes, compression: str) -> str:

@@ -17,10 +17,16 @@ def encoded_length(nbytes: int) -> int:
     return (nbytes * 8 - 1) // 5 + 1
 
 
+_FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", ALPHABET)
+
+
 def encode(digest: bytes) -> str:
-    value = int.from_bytes(digest, "little")
+    """The digest's integer, five bits a digit, most significant first: RFC 4648's base32 of its
+    big-endian bits (left-aligned to whole bytes), in Nix's alphabet. (C speed: two per uploaded path.)"""
     n = encoded_length(len(digest))
-    return "".join(ALPHABET[(value >> (5 * i)) & 31] for i in range(n - 1, -1, -1))
+    nbytes = -(-5 * n // 8)
+    value = int.from_bytes(digest, "little") << (8 * nbytes - 5 * n)
+    return base64.b32encode(value.to_bytes(nbytes, "big")).decode()[:n].translate(_FROM_RFC4648)
 
 
 def decode(text: str) -> bytes:

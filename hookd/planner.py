@@ -103,6 +103,10 @@ class Plan:
         return len(self.closure) - len(self.known | self.present | self.upstream)
 
 
+LISTING_GAIN = 50
+"""A listing replaces per-path existence checks when each of its requests answers for this many paths."""
+
+
 class Planner:
     def __init__(
         self, cfg: Config, queue: Queue, store: Store, backend: Backend, metrics: Metrics | None = None
@@ -174,31 +178,15 @@ class Planner:
     async def _plan(self, reqs: Sequence[Request]) -> Plan:
         if self.realisations is not None:  # before the shortcut below: a rebuilt CA output may be cached
             await self.realisations.plan(drvs_of((r.drv for r in reqs), (p for r in reqs for p in r.outs)))
-        # Requests that name only outputs already recorded: their closures went up before them.
-        quick = [r for r in reqs if r.outs and len(r.outs) <= 1000 and r.source != "cli"]
-        recorded = await self.queue.known_uploaded({p for r in quick for p in r.outs}, self.cfg.recheck_interval)
-        done = [r for r in quick if set(r.outs) <= recorded]
-        if done:
-            gone = await self.refresh({p for r in done for p in r.outs})
-            done = [r for r in done if not gone & set(r.outs)]  # those go the long way, below
-            await self.queue.plan([r.id for r in done], {})
-            if done:
-                log.info("%d requests name only paths already in the cache", len(done))
-            reqs = [r for r in reqs if r not in done]
+        reqs = await self._plan_recorded(reqs)
         if not reqs:
             return Plan({}, set(), set(), set())
-
         roots = await self._roots(reqs)
         closure = await self.store.closure(dict.fromkeys(roots)) if roots else {}
         checked_at = time.time()
         # `hookd push` asks for certainty: its closure is checked against the cache, not local records
         trust = 0.0 if any(r.source == "cli" for r in reqs) else self.cfg.recheck_interval
-        known = await self.queue.known_uploaded(closure, trust) if trust else set()
-        upstream = {p for p, i in closure.items() if p not in known and self._signed_upstream(i)}
-        unknown = [i for p, i in closure.items() if p not in known and p not in upstream]
-        present = await self._present(unknown)
-        if self.upstreams:
-            upstream |= await self._in_upstream([i for i in unknown if i.path not in present])
+        known, present, upstream = await self._locate(closure, trust)
         await self.queue.plan(
             [r.id for r in reqs], closure, {**dict.fromkeys(known, 0.0), **present}, upstream, checked_at
         )
@@ -217,6 +205,34 @@ class Planner:
             len(reqs), len(closure), len(known), len(present), len(upstream), plan.to_upload,
         )  # fmt: skip
         return plan
+
+    async def _plan_recorded(self, reqs: Sequence[Request]) -> list[Request]:
+        """Plan at once the requests that name only outputs recorded as cached (their closures went up
+        before them); the other requests, to be planned the long way."""
+        quick = [r for r in reqs if r.outs and len(r.outs) <= 1000 and r.source != "cli"]
+        recorded = await self.queue.known_uploaded({p for r in quick for p in r.outs}, self.cfg.recheck_interval)
+        done = [r for r in quick if set(r.outs) <= recorded]
+        if not done:
+            return list(reqs)
+        gone = await self.refresh({p for r in done for p in r.outs})
+        done = [r for r in done if not gone & set(r.outs)]  # those go the long way
+        await self.queue.plan([r.id for r in done], {})
+        if done:
+            log.info("%d requests name only paths already in the cache", len(done))
+        return [r for r in reqs if r not in done]
+
+    async def _locate(
+        self, closure: dict[str, PathInfo], trust: float
+    ) -> tuple[set[str], dict[str, float], set[str]]:
+        """Where the closure's paths are: recorded as cached within `trust` seconds, found in the cache
+        (with their narinfo's last-modified time), or left to an upstream cache."""
+        known = await self.queue.known_uploaded(closure, trust) if trust else set()
+        upstream = {p for p, i in closure.items() if p not in known and self._signed_upstream(i)}
+        unknown = [i for p, i in closure.items() if p not in known and p not in upstream]
+        present = await self._present(unknown)
+        if self.upstreams:
+            upstream |= await self._in_upstream([i for i in unknown if i.path not in present])
+        return known, present, upstream
 
     async def _upload_logs(self, drvs: Sequence[str]) -> None:
         """Put each build log at log/<drv basename>, where `nix log` looks for it through the Deriver."""
@@ -254,8 +270,15 @@ class Planner:
         return self.keys.signed(fingerprint, info.sigs)
 
     async def _present(self, infos: Sequence[PathInfo]) -> dict[str, float]:
-        """Which of these paths the cache already holds, with their narinfo's last-modified time: one
-        narinfo check each, concurrent and bounded. (The time says whether a GC could soon take it.)"""
+        """Which of these paths the cache already holds, with their narinfo's last-modified time (it
+        says whether a GC could soon take it): from a listing of the cache's top level when that takes
+        at most one request per LISTING_GAIN paths (S3, a large closure), else one narinfo check each,
+        concurrent and bounded."""
+        if len(infos) >= 2 * LISTING_GAIN:
+            keys = {narinfo.narinfo_key(i.path): i.path for i in infos}
+            listed = await self.backend.stat_top(keys, len(infos) // LISTING_GAIN)
+            if listed is not None:
+                return {keys[k]: obj.mtime for k, obj in listed.items()}
 
         async def check(info: PathInfo) -> tuple[str, float] | None:
             async with self.gate:

@@ -70,6 +70,19 @@ def enqueue_from_env(out_paths: str, drv_path: str) -> Enqueue:
 
 def parse_request(line: bytes) -> Enqueue | Ping | Command:
     """Parse one request line (syntax only; the daemon checks the paths against its store)."""
+    words = _words(line)
+    verb = words[0]
+    if verb == "PING" and len(words) == 1:
+        return Ping()
+    if verb in Command.VERBS:
+        return _command(verb, tuple(words[1:]))
+    if verb != "ENQUEUE":
+        raise ProtocolError(f"unknown request {verb[:20]!r} (expected ENQUEUE, PING, {', '.join(Command.VERBS)})")
+    return _enqueue(words[1:])
+
+
+def _words(line: bytes) -> list[str]:
+    """The space-separated words of one whole line of UTF-8 text."""
     if len(line) > MAX_LINE:
         raise ProtocolError(f"request line longer than {MAX_LINE} bytes")
     if not line.endswith(b"\n"):
@@ -80,41 +93,54 @@ def parse_request(line: bytes) -> Enqueue | Ping | Command:
         raise ProtocolError("request is not UTF-8 text") from None
     if "\0" in text or "\r" in text or "\n" in text:
         raise ProtocolError("request contains a control character")
-    words = text.split(" ")
-    verb = words[0]
-    if verb == "PING" and len(words) == 1:
-        return Ping()
-    if verb in Command.VERBS:
-        args = tuple(words[1:])
-        if any(not a for a in args) or len(args) > MAX_PATHS:
-            raise ProtocolError(f"{verb} takes paths separated by single spaces")
-        if verb == "STATUS" and args:
-            raise ProtocolError("STATUS takes no arguments")
-        if verb in ("RETRY", "DROP", "PUSH") and not args:
-            raise ProtocolError(f"{verb} needs paths (or --failed for RETRY)")
-        if verb == "REQUEST" and (len(args) != 1 or not args[0].isdigit() or len(args[0]) > 18):
-            raise ProtocolError("REQUEST takes one request number")
-        if verb == "PUSH" and any(len(a) > MAX_PATH_LEN for a in args):
-            raise ProtocolError(f"path longer than {MAX_PATH_LEN} characters")
-        return Command(verb, args)
-    if verb != "ENQUEUE":
-        raise ProtocolError(f"unknown request {verb[:20]!r} (expected ENQUEUE, PING, {', '.join(Command.VERBS)})")
-    if len(words) < 2 or any(not w for w in words[1:]):
+    return text.split(" ")
+
+
+def _command(verb: str, args: tuple[str, ...]) -> Command:
+    if any(not a for a in args) or len(args) > MAX_PATHS:
+        raise ProtocolError(f"{verb} takes paths separated by single spaces")
+    if verb == "STATUS" and args:
+        raise ProtocolError("STATUS takes no arguments")
+    if verb in ("RETRY", "DROP", "PUSH") and not args:
+        raise ProtocolError(f"{verb} needs paths (or --failed for RETRY)")
+    if verb == "REQUEST" and (len(args) != 1 or not args[0].isdigit() or len(args[0]) > 18):
+        raise ProtocolError("REQUEST takes one request number")
+    if verb == "PUSH":
+        _check_lengths(args)
+    return Command(verb, args)
+
+
+def _enqueue(args: list[str]) -> Enqueue:
+    if not args or any(not w for w in args):
         raise ProtocolError("ENQUEUE needs a .drv path or '-', then paths separated by single spaces")
-    drv = None if words[1] == "-" else words[1]
-    outs = tuple(words[2:])
+    drv = None if args[0] == "-" else args[0]
+    outs = tuple(args[1:])
     if drv is None and not outs:
         raise ProtocolError("ENQUEUE with neither a .drv path nor output paths")
     if len(outs) > MAX_PATHS:
         raise ProtocolError(f"ENQUEUE with {len(outs)} paths; at most {MAX_PATHS} per request")
-    for w in words[1:]:
-        if len(w) > MAX_PATH_LEN:
-            raise ProtocolError(f"path longer than {MAX_PATH_LEN} characters")
+    _check_lengths(args)
     return Enqueue(drv, outs)
+
+
+def _check_lengths(paths: list[str] | tuple[str, ...]) -> None:
+    if any(len(p) > MAX_PATH_LEN for p in paths):
+        raise ProtocolError(f"path longer than {MAX_PATH_LEN} characters")
 
 
 def ok(detail: str = "") -> bytes:
     return (f"OK {detail}" if detail else "OK").encode() + b"\n"
+
+
+def queued(request_id: int) -> bytes:
+    """The answer to ENQUEUE and PUSH once the request is committed to the queue."""
+    return ok(f"queued {request_id}")
+
+
+def queued_id(detail: str) -> int | None:
+    """The request number in the detail of a `queued` answer."""
+    verb, _, number = detail.partition(" ")
+    return int(number) if verb == "queued" and number.isdigit() else None
 
 
 def error(message: str) -> bytes:

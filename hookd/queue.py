@@ -32,6 +32,9 @@ from .lifecycle import (
     EVENT_OF,
     FAILED,
     PENDING,
+    REQUEST_FAILED,
+    REQUEST_NEW,
+    REQUEST_PLANNED,
     SATISFIED,
     STATES,
     UPLOADING,
@@ -49,7 +52,7 @@ CREATE TABLE IF NOT EXISTS requests (
     outs TEXT NOT NULL,              -- space-separated store paths (may be empty)
     source TEXT NOT NULL,            -- socket, spool, cli
     received REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'new',  -- new, planned, failed
+    state TEXT NOT NULL DEFAULT 'new',  -- new, planned, failed (lifecycle.REQUEST_*)
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0,
     error TEXT
@@ -171,7 +174,6 @@ class Queue:
         self.db = db
         self.store_dir = store_dir
         self._lock = asyncio.Lock()
-        self.readonly = False
         self._immutable: tuple[Path, tuple[int, int, int]] | None = None
 
     @classmethod
@@ -201,7 +203,6 @@ class Queue:
             snapshot = _file_state(path)
             db = await aiosqlite.connect(uri + "&immutable=1", uri=True, isolation_level=None)
         queue = cls(db, store_dir)
-        queue.readonly = True
         queue._immutable = (path, snapshot) if snapshot else None
         return queue
 
@@ -259,7 +260,7 @@ class Queue:
     @_serialized
     async def due_requests(self, limit: int = 200) -> list[Request]:
         rows = await self.db.execute_fetchall(
-            "SELECT id, drv, outs, source, attempts FROM requests WHERE state = 'new' AND next_try <= ? "
+            f"SELECT id, drv, outs, source, attempts FROM requests WHERE state = '{REQUEST_NEW}' AND next_try <= ? "
             "ORDER BY id LIMIT ?",
             (time.time(), limit),
         )
@@ -272,7 +273,7 @@ class Queue:
 
     @_serialized
     async def next_request_time(self) -> float | None:
-        value = await self._scalar("SELECT MIN(next_try) FROM requests WHERE state = 'new'")
+        value = await self._scalar(f"SELECT MIN(next_try) FROM requests WHERE state = '{REQUEST_NEW}'")
         return float(value) if value is not None else None
 
     @_serialized
@@ -284,7 +285,9 @@ class Queue:
 
     @_serialized
     async def fail_request(self, request_id: int, error: str) -> None:
-        await self.db.execute("UPDATE requests SET state = 'failed', error = ? WHERE id = ?", (error, request_id))
+        await self.db.execute(
+            f"UPDATE requests SET state = '{REQUEST_FAILED}', error = ? WHERE id = ?", (error, request_id)
+        )
 
     @_serialized
     async def plan(
@@ -308,7 +311,14 @@ class Queue:
         ages = dict(present) if isinstance(present, Mapping) else dict.fromkeys(present, 0.0)
         present, upstream = set(ages), set(upstream)
         rows = [
-            (p, DONE if p in present else UPSTREAM if p in upstream else PENDING, json.dumps(i.to_json()), now, now)
+            (
+                p,
+                DONE if p in present else UPSTREAM if p in upstream else PENDING,
+                json.dumps(i.to_json()),
+                i.nar_size,
+                now,
+                now,
+            )
             for p, i in infos.items()
         ]
         queued = [r[0] for r in rows if r[1] == PENDING]
@@ -320,9 +330,9 @@ class Queue:
                 [(now, p, p, since) for p in queued],
             )
             await db.executemany(
-                "INSERT INTO paths (path, state, info, created, updated) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO paths (path, state, info, nar_size, created, updated) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET state = excluded.state, attempts = 0, next_try = 0, "
-                "last_error = NULL, info = excluded.info, updated = excluded.updated "
+                "last_error = NULL, info = excluded.info, nar_size = excluded.nar_size, updated = excluded.updated "
                 f"WHERE paths.state != excluded.state AND paths.state != '{UPLOADING}' "
                 f"AND NOT (paths.state = '{DONE}' AND paths.updated >= ?)",
                 [(*r, since) for r in rows],
@@ -343,10 +353,11 @@ class Queue:
                 [(i, p) for i in ids for p in infos],
             )
             await db.executemany(
-                "UPDATE requests SET state = 'planned', error = NULL WHERE id = ?", [(i,) for i in ids]
+                f"UPDATE requests SET state = '{REQUEST_PLANNED}', error = NULL WHERE id = ?", [(i,) for i in ids]
             )
             await self._block_referrers(queued, now)
         return len(queued)
+
     @_serialized
     async def get_meta(self, key: str) -> str | None:
         value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))
@@ -363,6 +374,7 @@ class Queue:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (identity,),
             )
+
     @_serialized
     async def known_uploaded(self, paths: Iterable[str], max_age: float) -> set[str]:
         """The paths recorded in the cache within `max_age` seconds (no network needed for those)."""
@@ -488,13 +500,14 @@ class Queue:
 
     @_serialized
     async def ready(self, limit: int, exclude: Iterable[str] = ()) -> list[PathInfo]:
-        """Pending paths whose retry time has come and whose references are all satisfied, oldest first."""
+        """Pending paths whose retry time has come and whose references are all satisfied, largest first
+        (a large NAR started last would be the tail of a closure's upload; small ones fill around it)."""
         excluded = set(exclude)
         rows = await self.db.execute_fetchall(
             f"SELECT p.path, p.info FROM paths p WHERE p.state = '{PENDING}' AND p.next_try <= ? "
             "AND NOT EXISTS (SELECT 1 FROM refs r JOIN paths q ON q.path = r.ref "
             f"                WHERE r.path = p.path AND q.state NOT IN {sql_list(SATISFIED)}) "
-            "ORDER BY p.id LIMIT ?",
+            "ORDER BY p.nar_size DESC NULLS LAST, p.id LIMIT ?",
             (time.time(), limit + len(excluded)),
         )
         out = []
@@ -514,6 +527,7 @@ class Queue:
             f"UPDATE paths SET state = '{UPLOADING}', updated = ? WHERE path = ? AND state = '{PENDING}'",
             [(now, p) for p in paths],
         )
+
     @_serialized
     async def next_path_time(self) -> float | None:
         value = await self._scalar(f"SELECT MIN(next_try) FROM paths WHERE state = '{PENDING}'")
@@ -559,11 +573,13 @@ class Queue:
                 continue
             state = row[0][0]
             if state in (PENDING, BLOCKED):  # is it blocked by one of its references?
-                cause = list(await self.db.execute_fetchall(
-                    "SELECT q.path, q.state, q.last_error FROM refs r JOIN paths q ON q.path = r.ref "
-                    f"WHERE r.path = ? AND r.ref != r.path AND q.state IN {sql_list(BLOCKING)} LIMIT 1",
-                    (path,),
-                ))
+                cause = list(
+                    await self.db.execute_fetchall(
+                        "SELECT q.path, q.state, q.last_error FROM refs r JOIN paths q ON q.path = r.ref "
+                        f"WHERE r.path = ? AND r.ref != r.path AND q.state IN {sql_list(BLOCKING)} LIMIT 1",
+                        (path,),
+                    )
+                )
                 if not cause:
                     continue
                 ref, ref_state, ref_error = cause[0]
@@ -599,6 +615,7 @@ class Queue:
             "error": row[0][1],
             "paths": {p: {"state": st, "error": err} for p, st, err in paths},
         }
+
     @_serialized
     async def list_paths(self, state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
@@ -651,6 +668,7 @@ class Queue:
                 )
                 await self._block_referrers(blocked, now)
         return changed
+
     @_serialized
     async def drop(self, paths: Sequence[str]) -> list[str]:
         """Stop trying to upload these paths, and the queued paths that refer to them (which could
@@ -673,6 +691,7 @@ class Queue:
                 cur = await db.execute("SELECT path FROM refs WHERE ref = ? AND path != ref", (p,))
                 todo.extend(r[0] for r in await cur.fetchall())
         return dropped
+
     @_serialized
     async def stats(self) -> dict[str, Any]:
         """Queue depth by state, upload rates, the oldest pending path and the latest errors."""
@@ -698,8 +717,6 @@ class Queue:
             f"AND state IN {sql_list((PENDING, FAILED, BLOCKED))} ORDER BY updated DESC LIMIT 5"
         )
         errors = [dict(zip(("path", "state", "error", "time"), r, strict=True)) for r in await cur.fetchall()]
-        if not self.readonly:
-            await self.db.execute("DELETE FROM events WHERE time < ?", (now - EVENT_RETENTION,))
         return {
             "counts": counts,
             "uploaded": rates,
@@ -707,6 +724,13 @@ class Queue:
             "oldest_pending": {"path": oldest[0], "age": now - oldest[1]} if oldest else None,
             "last_errors": errors,
         }
+
+    @_serialized
+    async def prune_events(self, retention: float = EVENT_RETENTION) -> int:
+        """Forget the history older than `retention` seconds (it feeds `queue show` and the upload rates
+        only); how many events went. The daemon's maintenance calls it: reads never write."""
+        cur = await self.db.execute("DELETE FROM events WHERE time < ?", (time.time() - retention,))
+        return max(0, cur.rowcount)
 
     @_serialized
     async def attempts(self, path: str) -> int:
@@ -717,7 +741,7 @@ class Queue:
         rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM paths GROUP BY state")
         out = dict.fromkeys(STATES, 0)
         out.update({r[0]: r[1] for r in rows})
-        out["requests"] = int(await self._scalar("SELECT COUNT(*) FROM requests WHERE state = 'new'"))
+        out["requests"] = int(await self._scalar(f"SELECT COUNT(*) FROM requests WHERE state = '{REQUEST_NEW}'"))
         return out
 
     @_serialized

@@ -10,7 +10,10 @@ time without changing it (S3 copy-onto-itself, `utime`, an HTTP re-put); a touch
 fails. The *age* of an object is the GC's clock minus the object's last-modified time.
 
 What an uploader does for a path P (`Uploader.publish` in `upload.py`, `Freshness` below):
-1. Write P's NAR, or touch it if an identical NAR is already there (the key is the content's hash).
+1. Write P's NAR (its key names its bytes: narstream.py). Only a write that *created* the object
+   counts as a write below: a conditional PUT that succeeded, a link(2), an HTTP 201, or a PUT after an
+   existence check found the key absent. A write that replaced an object, or an identical NAR found
+   there, counts as a touch (a delete decided on the earlier object may still land after it).
 2. For every object P relies on but did not write, or touch *and verify* (step 4), itself within
    `grace/2` (its own clock): the narinfo of each direct reference, and the NAR of step 1 if it was
    touched or its write began more than `grace/2` ago: touch it. A failed touch means the
@@ -22,7 +25,7 @@ What an uploader does for a path P (`Uploader.publish` in `upload.py`, `Freshnes
 A reference's NAR and its own references need no touch: a GC that spares a narinfo spares its NAR and
 its closure (below), and one that deletes it does so before step 4 can pass.
 
-What GC does (`gc.py`; the pure rules in `gc.SweepState`):
+What GC does (`gc.py`: `plan.py`, then `sweep.py` with its pure rules in `sweep.SweepState`):
 1. Note the time, list the bucket, plan: roots are pins and narinfos younger than the retention;
    the mark is their closure; candidates are unmarked (or broken) narinfos older than the grace.
 2. Sweep narinfos *referrers first*: a candidate is decided only once every candidate that refers
@@ -47,6 +50,9 @@ on O when it publishes P, sent before t + grace/2 and landing before t + grace/2
   O gone and does not publish. (b): a GC run whose listing contains P marks O through P (P is young
   for a whole grace after it lands); a run whose listing began before P landed, so before
   t + grace/2 + R, makes its last stat by its start + grace/2 - R < t + grace.
+- A write that created O: while the key was absent, every delete decided on an earlier object of
+  the key had landed (one delete per stat, one GC at a time), and an object another uploader
+  created there since is younger than O's write, so no delete of it is pending.
 - Referrers first makes "spared means the closure is spared" sound: a reference is deleted only
   after each of its referrers in the listing has been deleted; a referrer found young is a root.
 - NARs are decided after every narinfo, against the narinfos that remain; a NAR of a narinfo

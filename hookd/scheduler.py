@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from . import narinfo
 from .backends import Backend, BackendError, PermanentBackendError
@@ -29,6 +30,7 @@ from .upload import NarMismatchError, ReferenceGone, Uploaded, upload_path
 log = logging.getLogger("hookd")
 
 IDLE_POLL = 1.0
+START_PARALLEL = 8
 
 
 def classify(path: str, error: BaseException, attempts: int, retry_base: float, retry_max: float) -> Outcome:
@@ -70,6 +72,30 @@ class ByteBudget:
                 self._cond.notify_all()
 
 
+@dataclass
+class Parallelism:
+    """How many paths upload at once, adapted to the backend like TCP's window (AIMD): one more per
+    round of uploads while the backend keeps up, a quarter fewer (at most once a second) when it
+    throttles or its answers slow down. Latency-bound backends get many paths in flight, a saturated
+    one few."""
+
+    limit: float
+    ceiling: int
+    floor: int = 1
+    last_cut: float = float("-inf")
+
+    def update(self, congested: bool, now: float) -> None:
+        if not congested:
+            self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
+        elif now - self.last_cut >= 1.0:
+            self.limit = max(float(self.floor), self.limit * 0.75)
+            self.last_cut = now
+
+    @property
+    def slots(self) -> int:
+        return max(self.floor, int(self.limit))
+
+
 class Scheduler:
     def __init__(
         self,
@@ -86,13 +112,15 @@ class Scheduler:
         self.key = key
         self.metrics = metrics
         self.freshness = freshness or Freshness(backend, cfg.bounds)
+        self.extras = Extras(backend, cfg.listings, cfg.content_encoding)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.outcomes: list[Outcome] = []
         self.bytes = ByteBudget(cfg.max_bytes_in_flight)
+        self.parallel = Parallelism(float(min(START_PARALLEL, cfg.max_parallel)), cfg.max_parallel)
+        # what a streamed NAR holds in memory at most: the parts in flight and the one filling
+        self.stream_memory = max(cfg.part_size, cfg.multipart_threshold) * (cfg.part_concurrency + 1)
         self.wake = asyncio.Event()
         self.cache_ready = False
-        self.staging = cfg.state_dir / "staging"
-        self.extras = Extras(backend, cfg.listings, cfg.content_encoding)
 
     async def restore(self) -> None:
         """Rely again on what this daemon wrote within the protocol's window before it was restarted."""
@@ -119,7 +147,7 @@ class Scheduler:
         await self.flush()
         if not self.cache_ready:
             await self.ensure_cache_info()
-        free = self.cfg.max_parallel - len(self.inflight)
+        free = self.parallel.slots - len(self.inflight)
         if free <= 0:
             return []
         busy = set(self.inflight) | {o.path for o in self.outcomes}  # finished, not yet recorded: busy
@@ -161,14 +189,13 @@ class Scheduler:
 
     async def upload(self, info: PathInfo) -> Uploaded:
         elsewhere = await self.queue.upstream_references(info.path)
-        async with self.bytes.hold(info.nar_size):
+        async with self.bytes.hold(min(info.nar_size, self.stream_memory)):
             return await upload_path(
                 info,
                 self.backend,
                 self.key,
                 self.cfg.compression,
                 self.cfg.level,
-                self.staging,
                 self.freshness,
                 self.cfg.worker_nice,
                 elsewhere,
@@ -200,6 +227,7 @@ class Scheduler:
             self.metrics.upload_seconds.observe(elapsed)
         finally:
             self.inflight.pop(info.path, None)
+            self.parallel.update(self.backend.congested(), time.monotonic())
             self.wake.set()
 
     def _report(self, info: PathInfo, error: Exception, outcome: Outcome, attempts: int) -> None:

@@ -12,13 +12,14 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .backends import Backend, ObjectStat
 from .backends.retry import send_before
-from .gc import Catalog, Progress, Snapshot, no_progress
+from .catalog import Catalog, Progress, no_progress
 from .safety import Bounds
+from .snapshot import Snapshot
 
 log = logging.getLogger("hookd.gc")
 
@@ -88,29 +89,16 @@ class SweepState:
     def deleted_rows(self) -> set[int]:
         return {r for r, d in self.decided.items() if d is not Decision.SPARED}
 
-    def nars(self, listed: Iterable[ObjectStat]) -> list[ObjectStat]:
+    def nars(self, listed: Sequence[ObjectStat]) -> list[ObjectStat]:
         """Listed NARs that no narinfo still in the cache points at (malformed ones count: they keep theirs)."""
         assert self.done, "NARs are decided after every narinfo"
-        gone = self.deleted_rows()
-        kept_urls = {u for i, u in enumerate(self.cat.urls) if i not in gone}
-        return [o for o in listed if o.key not in kept_urls]
+        return self.cat.unreferenced_nars(listed, self.deleted_rows())
 
-    def others(self, listed: Iterable[ObjectStat]) -> list[ObjectStat]:
+    def others(self, listed: Sequence[ObjectStat]) -> list[ObjectStat]:
         """Listings of narinfos no longer in the cache, and build logs only deleted narinfos named."""
         assert self.done
-        gone = self.deleted_rows()
-        cat = self.cat
-        present = {cat.keys[i][:32] for i in range(len(cat)) if i not in gone}
-        derivers = {cat.derivers[i] for i in gone} - {cat.derivers[i] for i in range(len(cat)) if i not in gone}
-        out = []
-        for obj in listed:
-            key = obj.key
-            if key.endswith(".ls") and "/" not in key and len(key) == 35:
-                if key[:32] not in present:
-                    out.append(obj)
-            elif key.startswith("log/") and key[4:] in derivers:
-                out.append(obj)
-        return out
+        listings, logs = self.cat.leftovers(listed, self.deleted_rows())
+        return listings + logs
 
 
 @dataclass

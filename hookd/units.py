@@ -1,4 +1,5 @@
-"""Human sizes and durations, both ways: `10G`, `1.5TiB`, `30d`, `12h30m`."""
+"""Human sizes and durations as the command line takes them: `10G`, `1.5TiB`, `30d`, `12h30m` (render.py
+writes them back)."""
 
 from __future__ import annotations
 
@@ -25,22 +26,3 @@ def parse_duration(text: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"{text!r} is not a duration (examples: 30d, 12h, 1h30m, 90s)")
     return sum(float(n) * _DURATION[u] for n, u in parts)
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-def format_duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

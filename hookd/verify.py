@@ -10,7 +10,7 @@ import bz2
 import hashlib
 import lzma
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,9 @@ import pyzstd
 
 from . import narinfo
 from .backends import Backend, ObjectStat
-from .gc import Progress, known_kind, no_progress
+from .catalog import Catalog, Progress, Record, is_narinfo, known_kind, no_progress, record_of
 from .signing import PublicKey
+from .sweep import Decision, SweepState
 
 CONCURRENCY = 16
 
@@ -35,6 +36,10 @@ class Report:
     @property
     def whole(self) -> bool:
         return not self.broken
+
+    def to_json(self) -> dict[str, Any]:
+        return {"narinfos": self.narinfos, "broken": self.broken, "unknown": self.unknown,
+                "repaired": self.repaired, "whole": self.whole}  # fmt: skip
 
 
 class Inflater:
@@ -82,93 +87,112 @@ async def verify(
     repair: bool = False,
     progress: Progress = no_progress,
 ) -> Report:
-    report = Report()
-    objects: dict[str, ObjectStat] = {}
-    async for obj in backend.list():
-        objects[obj.key] = obj
-    keys = sorted(k for k in objects if k.endswith(".narinfo") and "/" not in k)
-    report.narinfos = len(keys)
-    parsed: dict[str, narinfo.NarInfo] = {}
-    gate = asyncio.Semaphore(CONCURRENCY)
-    done = 0
-
-    async def check(key: str) -> None:
-        try:
-            await check_one(key)
-        except _Gone:
-            parsed.pop(key, None)
-            report.problems.pop(key, None)
-
-    async def check_one(key: str) -> None:
-        nonlocal done
-        async with gate:
-            data = await backend.get(key)
-            if data is None:
-                return  # deleted since the listing
-            try:
-                ni = narinfo.parse(data)
-            except narinfo.NarInfoError as e:
-                report.problems[key].append(f"cannot be parsed: {e}")
-                return
-            parsed[key] = ni
-            if ni.hash_part + ".narinfo" != key:
-                report.problems[key].append(f"holds {ni.store_path}, which belongs under another key")
-            if public_key is not None and not any(public_key.verify(ni.fingerprint(), s) for s in ni.sigs):
-                report.problems[key].append(f"no valid signature by {public_key.name}")
-            nar = objects.get(ni.url) or await _still(backend, ni.url, key)
-            if nar is None:
-                report.problems[key].append(f"its NAR {ni.url} is missing")
-            elif ni.file_size is not None and nar.size != ni.file_size:
-                report.problems[key].append(f"its NAR {ni.url} has {nar.size} bytes, FileSize says {ni.file_size}")
-            elif deep:
-                report.problems[key].extend(await _deep(backend, ni))
-        done += 1
-        if done % 100 == 0:
-            progress("verifying", done, len(keys))
-
-    await asyncio.gather(*(check(k) for k in keys))
-    progress("verifying", len(keys), len(keys))
-    present = {k[:32] for k in keys}
-    for key, ni in list(parsed.items()):
-        try:
-            for ref in ni.references:
-                if ref[:32] not in present and await _still(backend, ref[:32] + ".narinfo", key) is None:
-                    report.problems[key].append(f"its reference {ref} is missing")
-        except _Gone:
-            parsed.pop(key, None)
-            report.problems.pop(key, None)
-    report.unknown = [k for k in objects if not known_kind(k)]
-
+    objects = {obj.key: obj async for obj in backend.list()}
+    keys = sorted(k for k in objects if is_narinfo(k))
+    checker = _Checker(backend, objects, public_key, deep)
+    await checker.check_all(keys, progress)
+    await checker.check_references({k[:32] for k in keys})
+    cat = Catalog.build((objects[k] for k in keys), checker.records)
     # broken: every narinfo with a problem, and every narinfo that refers to a broken one
-    referrers: dict[str, list[str]] = defaultdict(list)
-    for key, ni in parsed.items():
-        for ref in ni.references:
-            if ref[:32] + ".narinfo" != key:
-                referrers[ref[:32] + ".narinfo"].append(key)
-    report.broken = {k: "; ".join(v) for k, v in report.problems.items() if v}
-    todo = list(report.broken)
-    while todo:
-        key = todo.pop()
-        for ref in referrers.get(key, ()):
-            if ref not in report.broken:
-                report.broken[ref] = f"refers to the broken {key}"
-                todo.append(ref)
+    found = {row: "; ".join(checker.problems[key]) for row, key in enumerate(cat.keys) if key in checker.problems}
+    broken = cat.spread_broken(found, lambda row: f"refers to the broken {cat.keys[row]}")
+    report = Report(narinfos=len(keys), problems=checker.problems)
+    report.broken = {cat.keys[row]: why for row, why in broken.items()}
+    report.unknown = [k for k in objects if not known_kind(k)]
     if repair:
-        # referrers before what they refer to: nothing left behind points at a deleted narinfo
-        left = set(report.broken)
-        while left:
-            ready = sorted(k for k in left if not any(r in left for r in referrers.get(k, ())))
-            if not ready:  # a reference cycle (only self-references are legal): break it anywhere
-                ready = [min(left)]
-            for key in ready:
-                await backend.delete(key)
-                report.repaired.append(key)
-                left.discard(key)
+        report.repaired = await _repair(backend, cat, broken)
     return report
 
 
 class _Gone(Exception):
     """The narinfo being checked was deleted meanwhile: nothing to report about it."""
+
+
+class _Checker:
+    """The checks of each narinfo; what they found, by narinfo key (nothing about one deleted meanwhile)."""
+
+    def __init__(
+        self, backend: Backend, objects: dict[str, ObjectStat], public_key: PublicKey | None, deep: bool
+    ) -> None:
+        self.backend = backend
+        self.objects = objects  # the listing
+        self.public_key = public_key
+        self.deep = deep
+        self.parsed: dict[str, narinfo.NarInfo] = {}
+        self.records: dict[str, Record] = {}  # what the catalog is built from: parsed or not, not deleted
+        self.problems: dict[str, list[str]] = defaultdict(list)
+
+    def _forget(self, key: str) -> None:
+        self.parsed.pop(key, None)
+        self.records.pop(key, None)
+        self.problems.pop(key, None)
+
+    async def check_all(self, keys: list[str], progress: Progress) -> None:
+        gate = asyncio.Semaphore(CONCURRENCY)
+        done = 0
+
+        async def check(key: str) -> None:
+            nonlocal done
+            try:
+                async with gate:
+                    await self._check(key)
+            except _Gone:
+                self._forget(key)
+            done += 1
+            if done % 100 == 0:
+                progress("verifying", done, len(keys))
+
+        await asyncio.gather(*(check(k) for k in keys))
+        progress("verifying", len(keys), len(keys))
+
+    async def _check(self, key: str) -> None:
+        data = await self.backend.get(key)
+        if data is None:
+            return  # deleted since the listing
+        try:
+            ni = narinfo.parse(data)
+        except narinfo.NarInfoError as e:
+            self.records[key] = {"error": str(e)}
+            self.problems[key].append(f"cannot be parsed: {e}")
+            return
+        self.parsed[key], self.records[key] = ni, record_of(ni)
+        if ni.hash_part + ".narinfo" != key:
+            self.problems[key].append(f"holds {ni.store_path}, which belongs under another key")
+        if self.public_key is not None and not any(self.public_key.verify(ni.fingerprint(), s) for s in ni.sigs):
+            self.problems[key].append(f"no valid signature by {self.public_key.name}")
+        if problems := await self._nar_problems(key, ni):
+            self.problems[key].extend(problems)
+
+    async def _nar_problems(self, key: str, ni: narinfo.NarInfo) -> list[str]:
+        nar = self.objects.get(ni.url) or await _still(self.backend, ni.url, key)
+        if nar is None:
+            return [f"its NAR {ni.url} is missing"]
+        if ni.file_size is not None and nar.size != ni.file_size:
+            return [f"its NAR {ni.url} has {nar.size} bytes, FileSize says {ni.file_size}"]
+        return await _deep(self.backend, ni) if self.deep else []
+
+    async def check_references(self, listed: set[str]) -> None:
+        """References missing from the listing, looked for again: the cache is live."""
+        for key, ni in list(self.parsed.items()):
+            try:
+                for ref in ni.references:
+                    if ref[:32] not in listed and await _still(self.backend, ref[:32] + ".narinfo", key) is None:
+                        self.problems[key].append(f"its reference {ref} is missing")
+            except _Gone:
+                self._forget(key)
+
+
+async def _repair(backend: Backend, cat: Catalog, broken: Collection[int]) -> list[str]:
+    """Delete the broken narinfos referrers first, as GC's sweep does: none left behind points at a deleted one."""
+    state = SweepState(cat, broken)
+    repaired: list[str] = []
+    while not state.done:
+        # nothing ready: a reference cycle (only self-references are legal): break it anywhere
+        for row in state.ready() or [min(state.undecided)]:
+            await backend.delete(cat.keys[row])
+            repaired.append(cat.keys[row])
+            state.decide(row, Decision.DELETED)
+    return repaired
 
 
 async def _still(backend: Backend, key: str, referrer: str) -> ObjectStat | None:

@@ -1,7 +1,7 @@
 """A deterministic simulation of several uploaders and a GC sharing one bucket, in virtual time.
 
-The real protocol code runs unchanged (`upload.upload_path` with its `Freshness`, `gc.snapshot`,
-`gc.plan`, `sweep.sweep`) on an event loop whose clock jumps to the next timer whenever nothing is
+The real protocol code runs unchanged (`upload.upload_path` with its `Freshness`, `snapshot.snapshot`,
+`plan.plan`, `sweep.sweep`) on an event loop whose clock jumps to the next timer whenever nothing is
 ready, against `SimBucket`, an in-memory bucket whose requests take a seeded random time and take
 effect somewhere inside it, and which checks the cache's invariant after every change. Store paths
 are real files with real NAR hashes; only Nix itself is replaced by the graph that made them.
@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hookd import gc, nar, narinfo, nixbase32
-from hookd.backends import Backend, BackendError, Blob, ObjectStat
+from hookd import nar, narinfo, nixbase32
+from hookd.backends import Backend, BackendError, ObjectStat
+from hookd.catalog import GcError
 from hookd.freshness import Freshness
+from hookd.plan import GcPlan, plan
 from hookd.safety import Bounds
 from hookd.signing import SecretKey
+from hookd.snapshot import NarinfoIndex, Snapshot, snapshot
 from hookd.store import PathInfo
 from hookd.sweep import sweep
 from hookd.upload import ReferenceGone, upload_path
@@ -142,18 +145,6 @@ class SimBucket(Backend):
     async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
         await self._request(f"PUT {key}", lambda: self._put(key, data))
 
-    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
-        with blob.open() as f:
-            data = f.read()
-
-        def apply() -> bool:
-            if key in self.objects:
-                return False
-            self._put(key, data)
-            return True
-
-        return await self._request(f"PUT {key}", apply)
-
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:  # type: ignore[override]
         keys = sorted(k for k in self.objects if k.startswith(prefix))
         for i in range(0, len(keys), 20):  # pages: the listing is not one instant
@@ -252,7 +243,7 @@ class Uploader:
                     if await self.bucket.stat(narinfo.narinfo_key(p)) is not None:
                         self.done.add(p)  # found, not written: it will be touched before it is relied on
                         continue
-                    await upload_path(self.infos[p], self.bucket, self.key, "none", 0, self.staging, self.freshness)
+                    await upload_path(self.infos[p], self.bucket, self.key, "none", 0, self.freshness)
                     self.uploads += 1
                     self.done.add(p)
                 return
@@ -267,18 +258,18 @@ async def gc_loop(
     sweeper: Callable[..., Awaitable[Any]] | None = None, pause: float = 2.0,
 ) -> int:  # fmt: skip
     """GC again and again until `stop`; the number of runs that completed."""
-    async def new_sweep(b: Backend, snap: gc.Snapshot, plan: gc.GcPlan, bounds: Bounds) -> Any:
-        return await sweep(b, snap, plan.candidates, bounds)
+    async def new_sweep(b: Backend, snap: Snapshot, planned: GcPlan, bounds: Bounds) -> Any:
+        return await sweep(b, snap, planned.candidates, bounds)
 
     sweeper = sweeper or new_sweep
     runs = 0
     while not stop.is_set():
         try:
-            snap = await gc.snapshot(bucket, gc.NarinfoIndex(None))
-            plan = gc.plan(snap, now=time.time(), older_than=older_than, grace=bounds.grace)
-            await sweeper(bucket, snap, plan, bounds)
+            snap = await snapshot(bucket, NarinfoIndex(None))
+            planned = plan(snap, now=time.time(), older_than=older_than, grace=bounds.grace)
+            await sweeper(bucket, snap, planned, bounds)
             runs += 1
-        except (BackendError, gc.GcError):
+        except (BackendError, GcError):
             pass
         await asyncio.sleep(rng.uniform(0, pause))
     return runs

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from hookd.backends import Backend, Blob, PermanentBackendError, open_backend
+from hookd.backends import Backend, BackendError, PermanentBackendError, open_backend
 from hookd.backends.retry import AdaptiveRate, parse_retry_after
+from hookd.backends.s3 import S3Backend
 from hookd.config import Config
+from hookd.narstream import NarMismatchError
+from hookd.scheduler import Parallelism
 
 from .conftest import S3_SERVERS
 from .servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Nginx, S3Server
@@ -38,6 +41,27 @@ def http_url(nginx: Nginx, base: str | None = None) -> str:
     sub = uuid.uuid4().hex[:12]
     (nginx.root / sub).mkdir()
     return f"{base or nginx.url}/{sub}"
+
+
+async def pieces(data: bytes, size: int = 1 << 20, fail: BaseException | None = None) -> AsyncIterator[bytes]:
+    """`data` as a stream of pieces, as narstream.NarStream hands them on; `fail` raised at its end."""
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+        await asyncio.sleep(0)
+    if fail is not None:
+        raise fail
+
+
+async def put_nar(be: Backend, key: str, data: bytes, tries: int = 10) -> None:
+    """A streamed PUT is one attempt (its body cannot be sent twice): through a faulty proxy, the caller
+    tries again with a fresh stream, as the scheduler does with the path."""
+    for attempt in range(tries):
+        try:
+            await be.put_nar(key, pieces(data), "application/x-nix-nar", len(data))
+            return
+        except BackendError:
+            if attempt == tries - 1:
+                raise
 
 
 @pytest.fixture(params=["file", "moto", "radosgw", "http", "moto-faults", "radosgw-faults", "http-faults"])
@@ -77,13 +101,11 @@ async def test_round_trip(backend: Backend, tmp_path: Path) -> None:
     assert stat is not None and stat.size == 34 and stat.mtime > 0
 
     small = os.urandom(1000)
-    assert await backend.put_stream("nar/small.nar.zst", Blob(len(small), data=small), "application/x-nix-nar")
+    await put_nar(backend, "nar/small.nar.zst", small)
     big = tmp_path / "big"
     big.write_bytes(os.urandom((21 << 20) + 12345))  # more than four 5 MiB parts on S3
-    assert await backend.put_stream("nar/big.nar", Blob(big.stat().st_size, path=big), "application/x-nix-nar")
+    await put_nar(backend, "nar/big.nar", big.read_bytes())
     assert await backend.get("nar/big.nar") == big.read_bytes()
-    # an existing NAR key is never overwritten
-    assert not await backend.put_stream("nar/small.nar.zst", Blob(3, data=b"xyz"), "application/x-nix-nar")
     assert await backend.get("nar/small.nar.zst") == small
 
     # streamed: the same bytes in bounded chunks (after a fault, from the start again)
@@ -103,6 +125,44 @@ async def test_round_trip(backend: Backend, tmp_path: Path) -> None:
     assert not await backend.exists("nar/small.nar.zst")
 
 
+@pytest.mark.parametrize("kind", ["file", *S3_SERVERS, "nginx"])
+@pytest.mark.parametrize("mib", [1, 20])
+async def test_a_stream_that_fails_its_check_commits_nothing(
+    kind: str, mib: int, request: pytest.FixtureRequest, tmp_path: Path, aws_env: None
+) -> None:
+    """The NarHash check fails at the stream's end (after every byte but the last went out): the server
+    keeps nothing. S3: the multipart upload is aborted (20 MiB: four 5 MiB parts sent before the end)
+    or the single PUT never sent (1 MiB); HTTP: the chunked body is cut before its last chunk; file://:
+    the temp file goes."""
+    cfg = Config(multipart_threshold=5 << 20, part_size=5 << 20)
+    bucket = None
+    if kind == "file":
+        be = open_backend(f"file://{tmp_path / 'cache'}", cfg)
+    elif kind in S3_SERVERS:
+        s3: S3Server = request.getfixturevalue(kind)
+        bucket, url = s3_url(s3)
+        be = open_backend(url, cfg)
+    else:
+        nginx: Nginx = request.getfixturevalue("nginx")
+        url = http_url(nginx)
+        be = open_backend(url, cfg)
+    data = os.urandom(mib << 20)
+    with pytest.raises(NarMismatchError):
+        await be.put_nar("nar/x.nar", pieces(data, fail=NarMismatchError("differs")), "application/x-nix-nar", len(data))
+    await asyncio.sleep(0.5)  # a server that committed late would show it now
+    assert await be.stat("nar/x.nar") is None
+    assert [o.key async for o in be.list()] == []
+    await put_nar(be, "nar/x.nar", data)  # the same backend is fine afterwards
+    assert await be.get("nar/x.nar") == data
+    await be.close()
+    if kind == "file":
+        assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == ["nar", "x.nar"]  # no temp file left
+    elif bucket is not None:
+        assert request.getfixturevalue(kind).client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    else:
+        assert [p.name for p in (nginx.root / url.rsplit("/", 1)[1]).rglob("*")] == ["nar", "x.nar"]
+
+
 @pytest.mark.parametrize("kind", [*S3_SERVERS, "nginx"])
 async def test_a_read_cut_mid_body_starts_again(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path, aws_env: None
@@ -113,7 +173,7 @@ async def test_a_read_cut_mid_body_starts_again(
     url = s3_url(server, proxy.url)[1] if isinstance(server, S3Server) else http_url(server, proxy.url)
     be = open_backend(url, Config(request_attempts=30))
     data = os.urandom(3 << 20)
-    await be.put_stream("nar/x.nar", Blob(len(data), data=data), "application/x-nix-nar")
+    await put_nar(be, "nar/x.nar", data)
     starts = 0
 
     async def digest(chunks: AsyncIterator[bytes]) -> bytes:
@@ -138,7 +198,7 @@ async def test_s3_multipart_parts_and_content_types(tmp_path: Path, s3server: S3
     be = open_backend(url, Config(multipart_threshold=5 << 20, part_size=5 << 20))
     big = tmp_path / "big"
     big.write_bytes(os.urandom((21 << 20) + 1))
-    await be.put_stream("nar/x.nar", Blob(big.stat().st_size, path=big), "application/x-nix-nar")
+    await put_nar(be, "nar/x.nar", big.read_bytes())
     await be.put("x.narinfo", b"StorePath: x\n", "text/x-nix-narinfo")
     # The GC's narinfo index trusts ETags from HEAD and listings: they must name a multipart object too
     # (Ceph 16.2 answers CompleteMultipartUpload with an empty ETag; hookd never reads that one).
@@ -164,7 +224,7 @@ async def test_s3_failed_multipart_is_aborted(tmp_path: Path, s3server: S3Server
     for i in range(10):
         be = open_backend(url, Config(multipart_threshold=5 << 20, part_size=5 << 20, request_attempts=1))
         try:
-            await be.put_stream(f"nar/{i}.nar", Blob(big.stat().st_size, path=big), "application/x-nix-nar")
+            await be.put_nar(f"nar/{i}.nar", pieces(big.read_bytes()), "application/x-nix-nar", 30 << 20)
         except Exception:
             failures += 1
         finally:
@@ -254,3 +314,63 @@ async def test_adaptive_rate_halves_once_per_window_and_recovers() -> None:
     for _ in range(5):
         rate.on_success()
     assert rate.rate is None  # back above max_rate: unlimited again
+
+
+def test_congestion_follows_latency_against_its_best() -> None:
+    rate = AdaptiveRate()
+    assert not rate.congested
+    for _ in range(50):
+        rate.on_success(0.020)  # a 20 ms link: latency-bound, not congested
+    assert not rate.congested
+    for _ in range(30):
+        rate.on_success(0.120)  # answers six times slower: the server is saturated
+    assert rate.congested
+    for _ in range(200):
+        rate.on_success(0.021)
+    assert not rate.congested
+    rate.on_throttle()
+    assert rate.congested
+
+
+def test_parallelism_grows_while_uncongested_and_backs_off_once_a_second() -> None:
+    p = Parallelism(8.0, ceiling=64)
+    for _ in range(200):
+        p.update(False, 0.0)
+    assert p.slots > 16  # about one more per round of uploads
+    for _ in range(2000):
+        p.update(False, 0.0)
+    assert p.slots == 64
+    p.update(True, 10.0)
+    p.update(True, 10.5)  # the same burst of bad answers: one cut
+    assert p.slots == 48
+    for t in range(11, 40):
+        p.update(True, float(t))
+    assert p.slots == 1
+
+
+@pytest.mark.parametrize("kind", [*S3_SERVERS, "nginx"])
+async def test_stat_top_answers_for_many_keys_within_its_budget(
+    kind: str, request: pytest.FixtureRequest, aws_env: None
+) -> None:
+    """A listing of the top level answers for many narinfos at once, and is given up (None: ask per key)
+    when it would cost more than its budget of requests."""
+    if kind == "nginx":
+        be = open_backend(http_url(request.getfixturevalue("nginx")))
+        small, too_small = 5, 0  # 37 PROPFIND entries fit in 5 requests' worth of answer, not in none
+    else:
+        _, url = s3_url(request.getfixturevalue(kind), prefix="/pre")
+        be = open_backend(url)
+        assert isinstance(be, S3Backend)
+        be.list_page = 10
+        small, too_small = 5, 3  # 37 entries: 4 pages of 10
+    present = [f"{i:032d}.narinfo" for i in range(35)]
+    for key in present:
+        await be.put(key, b"x", "text/x-nix-narinfo")
+    await put_nar(be, "nar/a.nar", b"nar")  # below the top level: one directory entry, not a key
+    await be.put("nix-cache-info", b"StoreDir: /nix/store\n", "text/x-nix-cache-info")
+    absent = [f"{i:032d}.narinfo" for i in range(100, 120)]
+    found = await be.stat_top([*present[::2], *absent], budget=small)
+    assert found is not None and sorted(found) == present[::2]
+    assert all(o.mtime > 0 and o.size == 1 for o in found.values())
+    assert await be.stat_top(present, budget=too_small) is None
+    await be.close()

@@ -15,11 +15,15 @@ import pytest
 import pyzstd
 from click.testing import CliRunner
 
-from hookd import gc, narinfo
+from hookd import narinfo
 from hookd.backends import ObjectStat, open_backend
+from hookd.catalog import LEASE_KEY, Catalog, GcError, Record, split_listing
 from hookd.cli import main
 from hookd.config import Config
+from hookd.lease import Lease
+from hookd.plan import GcPlan, plan
 from hookd.selftest import CHAIN_NIX, HookdProcess, NixEnv, wait_for_narinfos
+from hookd.snapshot import NarinfoIndex, Snapshot, snapshot
 from hookd.verify import Inflater
 
 from .cachegen import synthetic, write_tree
@@ -39,7 +43,7 @@ class Cache:
 
     def __init__(self) -> None:
         self.objects: dict[str, ObjectStat] = {}
-        self.records: dict[str, gc.Record] = {}
+        self.records: dict[str, Record] = {}
 
     def add(self, n: int, refs: tuple[int, ...] = (), age: float = 10 * DAY, nar: bool = True,
             size: int = 1000, deriver: str | None = None) -> None:  # fmt: skip
@@ -50,17 +54,17 @@ class Cache:
         self.records[key] = {"store_path": f"/nix/store/{h(n)}-p{n}", "url": url, "deriver": deriver,
                              "references": [h(r) for r in refs], "file_size": size}  # fmt: skip
 
-    def snap(self, pins: dict[str, str] | None = None) -> gc.Snapshot:
-        narinfos, nars, others = gc.split_listing(sorted(self.objects.values()))
-        return gc.Snapshot(gc.Catalog.build(narinfos, self.records), nars, others, pins or {})
+    def snap(self, pins: dict[str, str] | None = None) -> Snapshot:
+        narinfos, nars, others = split_listing(sorted(self.objects.values()))
+        return Snapshot(Catalog.build(narinfos, self.records), nars, others, pins or {})
 
 
-def run(snap: gc.Snapshot, **kw: object) -> gc.GcPlan:
+def run(snap: Snapshot, **kw: object) -> GcPlan:
     args = {"now": NOW, "older_than": DAY, "grace": 3600.0, **kw}
-    return gc.plan(snap, **args)  # type: ignore[arg-type]
+    return plan(snap, **args)  # type: ignore[arg-type]
 
 
-def deleted(p: gc.GcPlan) -> set[str]:
+def deleted(p: GcPlan) -> set[str]:
     return set(p.deletions)
 
 
@@ -140,7 +144,7 @@ def test_listings_and_logs_of_deleted_paths_go() -> None:
 
 
 def test_grace_longer_than_retention_is_refused() -> None:
-    with pytest.raises(gc.GcError, match="grace"):
+    with pytest.raises(GcError, match="grace"):
         run(Cache().snap(), grace=2 * DAY)
 
 
@@ -152,9 +156,9 @@ async def test_the_index_reads_each_narinfo_once(tmp_path: Path) -> None:
     write_tree(tmp_path / "cache", objects)
     url = f"file://{tmp_path / 'cache'}"
     backend = open_backend(url, Config(cache=url))
-    first = await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))
+    first = await snapshot(backend, NarinfoIndex(tmp_path / "index.json"))
     assert first.narinfo_reads == 30 and len(first.narinfos) == 30 and len(first.nars) == 30
-    again = await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))  # as a new `hookd gc` would
+    again = await snapshot(backend, NarinfoIndex(tmp_path / "index.json"))  # as a new `hookd gc` would
     assert again.narinfo_reads == 0
     assert [again.narinfos.record(i) for i in range(30)] == [first.narinfos.record(i) for i in range(30)]
 
@@ -162,7 +166,7 @@ async def test_the_index_reads_each_narinfo_once(tmp_path: Path) -> None:
     rewritten, removed, referrer = (objects[1 + 2 * i][0] for i in (2, 4, 5))  # p5 refers to p4
     os.utime(tmp_path / "cache" / rewritten, (time.time() - 60, time.time() - 60))
     (tmp_path / "cache" / removed).unlink()
-    changed = await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))
+    changed = await snapshot(backend, NarinfoIndex(tmp_path / "index.json"))
     assert changed.narinfo_reads == 1 and len(changed.narinfos) == 29
     broken = run(changed, now=time.time()).broken
     assert broken[referrer] == f"its reference {removed[:32]} is missing"
@@ -176,7 +180,7 @@ async def test_the_index_reads_each_narinfo_once(tmp_path: Path) -> None:
         re.sub(r'"refs": \[\[[0-9, ]*\]', '"refs": [[99]', good),
     ):
         (tmp_path / "index.json").write_text(garbled)
-        assert (await gc.snapshot(backend, gc.NarinfoIndex(tmp_path / "index.json"))).narinfo_reads == 29
+        assert (await snapshot(backend, NarinfoIndex(tmp_path / "index.json"))).narinfo_reads == 29
     await backend.close()
 
 
@@ -193,13 +197,13 @@ async def test_the_index_takes_mtimes_from_the_listing_on_s3(
         client.put_object(Bucket=bucket, Key=key, Body=data)
     url = f"s3://{bucket}?endpoint={s3server.url}&region=us-east-1&addressing=path"
     backend = open_backend(url, Config(cache=url))
-    index = gc.NarinfoIndex(None)  # kept in memory
-    first = await gc.snapshot(backend, index)
+    index = NarinfoIndex(None)  # kept in memory
+    first = await snapshot(backend, index)
     assert first.narinfo_reads == 5 and all(first.narinfos.etags)
     time.sleep(1.1)
     key = first.narinfos.keys[0]
     assert await backend.touch(key, "text/x-nix-narinfo")
-    again = await gc.snapshot(backend, index)
+    again = await snapshot(backend, index)
     assert again.narinfo_reads == 0
     assert (
         again.narinfos.mtimes[0] > first.narinfos.mtimes[0] and again.narinfos.mtimes[1:] == first.narinfos.mtimes[1:]
@@ -210,26 +214,26 @@ async def test_the_index_takes_mtimes_from_the_listing_on_s3(
 async def test_the_lease_is_renewed_released_and_lost_loudly(tmp_path: Path) -> None:
     url = f"file://{tmp_path}"
     backend = open_backend(url, Config(cache=url))
-    lease_file = tmp_path / gc.LEASE_KEY
+    lease_file = tmp_path / LEASE_KEY
 
-    async with gc.Lease(backend, 0.6):  # renewed every 0.2 s
+    async with Lease(backend, 0.6):  # renewed every 0.2 s
         first = json.loads(lease_file.read_text())["expires"]
         await asyncio.sleep(0.9)  # longer than the lease itself
         assert json.loads(lease_file.read_text())["expires"] > first + 0.3
-        with pytest.raises(gc.GcError, match="another GC holds"):
-            await gc.Lease(backend, 60).acquire()
+        with pytest.raises(GcError, match="another GC holds"):
+            await Lease(backend, 60).acquire()
     assert not lease_file.exists()
 
     with pytest.raises(RuntimeError, match="sweep failed"):  # released after a failure too
-        async with gc.Lease(backend, 60):
+        async with Lease(backend, 60):
             raise RuntimeError("sweep failed")
     assert not lease_file.exists()
 
     # another GC takes it meanwhile: this one stops at the next renewal with a clear error, and leaves
     # the other's lease alone
     started = time.monotonic()
-    with pytest.raises(gc.GcError, match="while this one ran"):
-        async with gc.Lease(backend, 0.6):
+    with pytest.raises(GcError, match="while this one ran"):
+        async with Lease(backend, 0.6):
             lease_file.write_text(json.dumps({"owner": "elsewhere", "expires": time.time() + 600}))
             await asyncio.sleep(30)
     assert time.monotonic() - started < 5

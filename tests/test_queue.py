@@ -90,6 +90,18 @@ async def test_restart_recovers_uploads_in_flight(tmp_path: Path) -> None:
     await q.close()
 
 
+async def test_stats_only_read_and_the_maintenance_prunes_old_history(queue: Queue) -> None:
+    """`hookd status` reads the stats, maybe while the daemon writes: a read must never delete. Old
+    history goes when the daemon's maintenance prunes it, and only the old."""
+    await queue.plan([await queue.add_request(None, [C], "cli")], CLOSURE)  # one `queued` event a path
+    await queue.db.execute("UPDATE events SET time = time - 31 * 86400 WHERE path != ?", (C,))
+    await queue.stats()
+    assert [len((await queue.path_detail(p) or {})["history"]) for p in (A, B, C)] == [1, 1, 1]
+    assert await queue.prune_events() == 2
+    assert [len((await queue.path_detail(p) or {})["history"]) for p in (A, B, C)] == [0, 0, 1]
+    await queue.close()
+
+
 def test_classify_failed_attempts() -> None:
     now = time.time()
     gone = classify(C, ReferenceGone(C, [B]), 1, 2.0, 600.0)

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from hookd import gc, narinfo
+from hookd import narinfo
 from hookd.backends import Backend
+from hookd.plan import GcPlan
 from hookd.safety import Bounds
+from hookd.snapshot import Snapshot
 
 from .sim import InvariantBroken, SimBucket, Uploader, closure, gc_loop, make_store, run_virtual
 
@@ -77,7 +79,7 @@ def test_uploaders_and_gc_keep_the_cache_whole(tmp_path: Path) -> None:
     assert total_runs > 5 * SEEDS and total_deletes > 3 * SEEDS, (total_runs, total_deletes)
 
 
-async def old_sweep(backend: Backend, snap: gc.Snapshot, plan: gc.GcPlan, bounds: Bounds) -> None:
+async def old_sweep(backend: Backend, snap: Snapshot, plan: GcPlan, bounds: Bounds) -> None:
     """hookd 0.1's sweep: the plan's narinfos, then its NARs, then the rest, each object's age checked
     on its own right before it goes (defect 1 of issue 12)."""
     for phase in (plan.delete_narinfos, plan.delete_nars, plan.delete_other):

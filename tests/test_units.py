@@ -8,18 +8,17 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from hookd import config, keys, nixbase32, protocol, signing
-from hookd.backends import Blob
 from hookd.backends.file import FileBackend
 from hookd.cli import main
 from hookd.queue import DONE, FAILED, PENDING, Outcome, Queue
 from hookd.store import InvalidPathError, PathInfo, parse_path_info
-from hookd.upload import NarMismatchError, stage_nar
 
 SD = "/nix/store"
 A = f"{SD}/6q5cdpsrvdpmkzh5sy8wdc7vz7p51z1c-dep-x1"
@@ -238,44 +237,13 @@ def test_hook_spools_on_refusal_and_timeout(tmp_path: Path) -> None:
 # --- upload pieces -----------------------------------------------------------------------------------
 
 
-def test_stage_nar_refuses_mismatch(tmp_path: Path) -> None:
-    from hookd import nar
-
-    path = tmp_path / "6q5cdpsrvdpmkzh5sy8wdc7vz7p51z1c-x"
-    path.write_bytes(b"hello")
-    import hashlib
-
-    data = b"".join(nar.dump(path))
-    good = PathInfo(str(path), hashlib.sha256(data).digest(), len(data), ())
-    staged = stage_nar(good, "zstd", 3, tmp_path)
-    assert staged.nar_size == len(data) and staged.blob.data is not None
-    path.write_bytes(b"hellO")
-    with pytest.raises(NarMismatchError, match="do not match"):
-        stage_nar(good, "zstd", 3, tmp_path)
-
-
-def test_stage_nar_spills_large_paths_to_disk(tmp_path: Path) -> None:
-    import hashlib
-
-    from hookd import nar
-
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    path = tmp_path / "big"
-    path.write_bytes(os.urandom(3 << 20))
-    data = b"".join(nar.dump(path))
-    info = PathInfo(str(path), hashlib.sha256(data).digest(), len(data), ())
-    staged = stage_nar(info, "none", 0, staging, memory_limit=1 << 20)
-    assert staged.blob.path is not None and staged.blob.path.read_bytes() == data
-    assert staged.file_hash == hashlib.sha256(data).digest()
-    staged.discard()
-    assert list(staging.iterdir()) == []
-
-
 async def test_file_backend_never_replaces_a_nar(tmp_path: Path) -> None:
+    async def chunks(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
     be = FileBackend(tmp_path)
-    assert await be.put_stream("nar/x.nar", Blob(3, data=b"abc"), "application/x-nix-nar")
-    assert not await be.put_stream("nar/x.nar", Blob(3, data=b"xyz"), "application/x-nix-nar")
+    await be.put_nar("nar/x.nar", chunks(b"abc"), "application/x-nix-nar", 3)
+    await be.put_nar("nar/x.nar", chunks(b"xyz"), "application/x-nix-nar", 3)
     assert (tmp_path / "nar/x.nar").read_bytes() == b"abc"
     assert stat.S_IMODE((tmp_path / "nar/x.nar").stat().st_mode) == 0o644
     await be.put("a.narinfo", b"1", "text/x-nix-narinfo")

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError
-from .retry import AdaptiveRate, RetryPolicy
+from .base import Backend, BackendError, ObjectStat, PermanentBackendError
+from .retry import Remote, RetryPolicy
 
 if TYPE_CHECKING:
     from ..config import Config
 
 S3_PARAMS = {"region", "endpoint", "profile", "addressing", "storage-class", "credentials-file"}
-
-
-class _Remote(TypedDict):
-    """What every remote backend takes alike."""
-
-    connect_timeout: float
-    read_timeout: float
-    max_connections: int
-    policy: RetryPolicy
-    rate: AdaptiveRate
 
 
 def open_backend(url: str, cfg: Config | None = None) -> Backend:
@@ -31,13 +21,7 @@ def open_backend(url: str, cfg: Config | None = None) -> Backend:
 
     cfg = cfg or Config(cache=url)
     parts = urlsplit(url)
-    remote: _Remote = {
-        "connect_timeout": cfg.connect_timeout,
-        "read_timeout": cfg.read_timeout,
-        "max_connections": cfg.max_connections,
-        "policy": RetryPolicy(attempts=cfg.request_attempts),
-        "rate": AdaptiveRate(),
-    }
+    remote = Remote(cfg.connect_timeout, cfg.read_timeout, cfg.max_connections, RetryPolicy(cfg.request_attempts))
     if parts.scheme == "file":
         from .file import FileBackend
 
@@ -71,7 +55,7 @@ def open_backend(url: str, cfg: Config | None = None) -> Backend:
             multipart_threshold=cfg.multipart_threshold,
             part_size=cfg.part_size,
             part_concurrency=cfg.part_concurrency,
-            **remote,
+            remote=remote,
         )
     if parts.scheme in ("http", "https"):
         from .http import HttpBackend
@@ -82,11 +66,11 @@ def open_backend(url: str, cfg: Config | None = None) -> Backend:
             netrc_file=cfg.netrc_file,
             tls_verify=cfg.tls_verify,
             ca_file=cfg.tls_ca_file,
-            **remote,
+            remote=remote,
         )
     raise PermanentBackendError(
         f"cache URL scheme {parts.scheme!r} is not supported (use file:///dir, s3://bucket or https://host/path)"
     )
 
 
-__all__ = ["Backend", "BackendError", "Blob", "ObjectStat", "PermanentBackendError", "open_backend"]
+__all__ = ["Backend", "BackendError", "ObjectStat", "PermanentBackendError", "open_backend"]

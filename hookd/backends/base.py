@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import abc
-import io
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, NamedTuple, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
+from typing import NamedTuple, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -20,6 +17,10 @@ class PermanentBackendError(BackendError):
     """A cache operation can never succeed as asked (bad URL, permission denied): no retry helps."""
 
 
+class PreconditionFailed(PermanentBackendError):
+    """A conditional write found the key there already (HTTP 412)."""
+
+
 class ObjectStat(NamedTuple):
     """One listed object (a tuple: a listing can hold hundreds of thousands)."""
 
@@ -27,21 +28,6 @@ class ObjectStat(NamedTuple):
     size: int
     mtime: float
     etag: str | None = None
-
-
-@dataclass(frozen=True)
-class Blob:
-    """Bytes to upload, staged in memory or in a local file, with a known size; re-readable for retries."""
-
-    size: int
-    data: bytes | None = None
-    path: Path | None = None
-
-    def open(self) -> BinaryIO:
-        if self.data is not None:
-            return io.BytesIO(self.data)
-        assert self.path is not None
-        return open(self.path, "rb")
 
 
 class Backend(abc.ABC):
@@ -79,12 +65,29 @@ class Backend(abc.ABC):
         `content_encoding` (gzip, zstd: `data` is already encoded) is stored with the object and sent as
         the `Content-Encoding` header when it is read; a backend that cannot keep it refuses it."""
 
-    @abc.abstractmethod
-    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
-        """Write a large object atomically unless the key exists; True if written, False if it existed.
+    async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """Write a small object unless the key exists; True only if this call created it.
 
-        NAR keys are content hashes, so an existing key already holds these bytes: it is never replaced.
+        Creation is what lets an uploader rely on a NAR without touching it (safety.py): a GC delete
+        decided on an earlier object of the same key has landed before the key could be absent. A
+        False (the key was there, or was replaced) means "rely on it as on a reference". This default
+        asks first; backends with conditional writes override it with one request.
         """
+        if await self.exists(key):
+            return False
+        await self.put(key, data, content_type)
+        return True
+
+    async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
+        """Write a NAR from a stream of pieces, committing it only once the stream has ended normally.
+
+        The stream raises instead of ending when its bytes must not be published (NarMismatchError):
+        then nothing is committed and no partial object is ever visible. `size_hint` (the NAR's size)
+        bounds the compressed size. NAR keys name their bytes (narstream.py), so replacing an existing
+        object writes the same bytes again. This default collects the stream in memory first.
+        """
+        data = b"".join([chunk async for chunk in chunks])
+        await self.put(key, data, content_type)
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]: ...
@@ -94,6 +97,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def stat(self, key: str) -> ObjectStat | None: ...
+
+    async def stat_top(self, keys: Collection[str], budget: int) -> dict[str, ObjectStat] | None:
+        """The objects among `keys` (top-level keys, like narinfos) found by listing the cache's top
+        level in at most `budget` requests; None when that listing would take more (ask per key then).
+
+        Where a listing page answers for a thousand keys, a large closure is checked with a few
+        requests instead of one per path. This default has no cheap listing.
+        """
+        return None
 
     async def touch(self, key: str, content_type: str) -> bool:
         """Reset an object's age (its last-modified time) without changing it; False if it is gone.
@@ -107,12 +119,10 @@ class Backend(abc.ABC):
         await self.put(key, data, content_type)
         return True
 
-    def staging_dir(self) -> Path | None:
-        """A directory on the same file system as the cache's NARs, when the backend is local.
-
-        A NAR staged there is committed with a link instead of a second copy (file:// only).
-        """
-        return None
+    def congested(self) -> bool:
+        """Whether more requests at once would not go faster (throttled, or answering much slower than
+        its best): the scheduler then uploads fewer paths at once."""
+        return False
 
     async def cleanup(self) -> None:
         """Remove what a killed uploader may have left behind (old temp files)."""
@@ -120,3 +130,10 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:
         return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """`async with open_backend(...) as backend:` closes it however the body ends."""
+        await self.close()

@@ -1,8 +1,8 @@
 """A binary cache in a local directory (`file:///dir`), as Nix's own file:// store reads it.
 
 Every write is atomic: a temp file in the destination directory, fsync, then rename (or, for NARs,
-link, which refuses to replace an existing file). The directory is fsynced so that a NAR is durable
-before the narinfo that points at it is written.
+streamed into the temp file, link, which refuses to replace an existing file). The directory is
+fsynced so that a NAR is durable before the narinfo that points at it is written.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import errno
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
-from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError, T
+from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
 
 TMP_PREFIX = ".hookd-tmp-"
 CHUNK = 1 << 20
@@ -75,20 +75,17 @@ class FileBackend(Backend):
         finally:
             f.close()
 
-    def _write_tmp(self, dest: Path, blob: Blob) -> Path:
+    def _tmp(self, dest: Path) -> tuple[BinaryIO, Path]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, blob.open() as src:
-                shutil.copyfileobj(src, out, CHUNK)
-                out.flush()
-                if self.fsync:
-                    os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return Path(tmp)
+        os.fchmod(fd, 0o644)
+        return os.fdopen(fd, "wb"), Path(tmp)
+
+    def _finish(self, f: BinaryIO) -> None:
+        f.flush()
+        if self.fsync:
+            os.fsync(f.fileno())
+        f.close()
 
     def _sync_dir(self, directory: Path) -> None:
         if self.fsync:
@@ -98,22 +95,32 @@ class FileBackend(Backend):
             finally:
                 os.close(fd)
 
+    def _write(self, key: str, data: bytes, replace: bool) -> bool:
+        """A temp file, fsynced, renamed over `key` (replace) or linked to it (never replaces: False if
+        the key was there)."""
+        dest = self._path(key)
+        try:
+            f, tmp = self._tmp(dest)
+            try:
+                f.write(data)
+                self._finish(f)
+                if not replace:
+                    return self._commit(tmp, dest)
+                os.replace(tmp, dest)
+                self._sync_dir(dest.parent)
+                return True
+            finally:
+                f.close()
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise _wrap(key, e) from None
+
     async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
         if content_encoding is not None:
             # A directory keeps no headers: Nix's file:// store and a web server in front would hand the
             # encoded bytes to clients as they are, which cannot read them.
             raise PermanentBackendError(f"file cache: {key}: a directory cannot store a Content-Encoding")
-        dest = self._path(key)
-
-        def write() -> None:
-            try:
-                tmp = self._write_tmp(dest, Blob(len(data), data=data))
-                os.replace(tmp, dest)
-                self._sync_dir(dest.parent)
-            except OSError as e:
-                raise _wrap(key, e) from None
-
-        await asyncio.to_thread(write)
+        await asyncio.to_thread(self._write, key, data, True)
 
     async def touch(self, key: str, content_type: str) -> bool:
         def utime() -> bool:
@@ -124,9 +131,6 @@ class FileBackend(Backend):
             return True
 
         return await asyncio.to_thread(utime)
-
-    def staging_dir(self) -> Path:
-        return self.root / "nar"
 
     async def cleanup(self) -> None:
         def remove_stale() -> None:
@@ -140,41 +144,33 @@ class FileBackend(Backend):
 
         await asyncio.to_thread(remove_stale)
 
-    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
-        dest = self._path(key)
+    async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """A temp file linked into place: link(2) never replaces, so it says whether this created it."""
+        return await asyncio.to_thread(self._write, key, data, False)
 
-        def write() -> bool:
+    async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
+        """Stream into a temp file beside the NAR's name; after a normal end, fsync and link it into place
+        (link never replaces: an existing NAR of this key holds the same bytes)."""
+        dest = self._path(key)
+        try:
+            f, tmp = await asyncio.to_thread(self._tmp, dest)
+        except OSError as e:
+            raise _wrap(key, e) from None
+        try:
             try:
-                if dest.exists():
-                    return False
-                if blob.path is not None and blob.path.parent == dest.parent:
-                    return self._commit_staged(blob.path, dest)
-                tmp = self._write_tmp(dest, blob)
-                try:
-                    os.link(tmp, dest)
-                    written = True
-                except FileExistsError:
-                    written = False
-                finally:
-                    os.unlink(tmp)
-                self._sync_dir(dest.parent)
-                return written
+                async for chunk in chunks:
+                    await asyncio.to_thread(f.write, chunk)
+                await asyncio.to_thread(self._finish, f)
+                await asyncio.to_thread(self._commit, tmp, dest)
             except OSError as e:
                 raise _wrap(key, e) from None
-
-        return await asyncio.to_thread(write)
-
-    def _commit_staged(self, staged: Path, dest: Path) -> bool:
-        """Give a NAR staged in the destination directory its name: fsync, then link (never replace)."""
-        fd = os.open(staged, os.O_RDONLY)
-        try:
-            if self.fsync:
-                os.fsync(fd)
         finally:
-            os.close(fd)
-        os.chmod(staged, 0o644)
+            f.close()
+            tmp.unlink(missing_ok=True)
+
+    def _commit(self, tmp: Path, dest: Path) -> bool:
         try:
-            os.link(staged, dest)
+            os.link(tmp, dest)
         except FileExistsError:
             return False
         self._sync_dir(dest.parent)

@@ -7,20 +7,21 @@ never into a log line or an error message: those name the method, the key and th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import netrc
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from .base import Backend, BackendError, Blob, ObjectStat, PermanentBackendError, T
-from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
+from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
+from .retry import Remote, RetryableError, parse_retry_after, with_retries
 
 CHUNK = 1 << 20
+LISTING_BYTES = 32 << 10
+"""What one request is worth in a PROPFIND answer (about fifty entries)."""
 RETRYABLE_STATUS = {408, 500, 502, 504}
 THROTTLE_STATUS = {429, 503}
 
@@ -46,7 +47,7 @@ def _check_status(what: str, status: int, hdrs: dict[str, str]) -> None:
         raise RetryableError(f"{what}: HTTP {status}", False, parse_retry_after(hdrs.get("retry-after")))
     if status in (401, 403):
         raise PermanentBackendError(f"{what}: HTTP {status} (check the cache's credentials)")
-    if status >= 400 and status != 404:
+    if status >= 400 and status not in (404, 412):
         raise PermanentBackendError(f"{what}: HTTP {status}")
 
 
@@ -59,12 +60,9 @@ class HttpBackend(Backend):
         netrc_file: Path | None = None,
         tls_verify: bool = True,
         ca_file: Path | None = None,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        max_connections: int = 32,
-        policy: RetryPolicy | None = None,
-        rate: AdaptiveRate | None = None,
+        remote: Remote | None = None,
     ) -> None:
+        remote = remote or Remote()
         parts = urlsplit(url)
         self.base = redact(url).rstrip("/")
         self.url = self.base
@@ -91,17 +89,20 @@ class HttpBackend(Backend):
             self.ssl = ssl.create_default_context(cafile=str(ca_file))
         else:
             self.ssl = True
-        self.timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
-        self.max_connections = max_connections
-        self.policy = policy or RetryPolicy()
-        self.rate = rate or AdaptiveRate()
+        self.timeout = aiohttp.ClientTimeout(sock_connect=remote.connect_timeout, sock_read=remote.read_timeout)
+        self.max_connections = remote.max_connections
+        self.policy, self.rate = remote.policy, remote.rate
         self._session: aiohttp.ClientSession | None = None
+        self._listable = True  # until a PROPFIND is refused
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=self.ssl)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self.headers)
         return self._session
+
+    def congested(self) -> bool:
+        return self.rate.congested
 
     async def close(self) -> None:
         if self._session is not None:
@@ -128,17 +129,10 @@ class HttpBackend(Backend):
         return status, body, hdrs
 
     async def _request(
-        self, method: str, key: str, blob: Blob | bytes | None = None, headers: dict[str, str] | None = None
+        self, method: str, key: str, data: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, dict[str, str]]:
         async def op() -> tuple[int, bytes, dict[str, str]]:
-            data: object = None
-            hdrs = dict(headers or {})
-            if isinstance(blob, bytes):
-                data = blob
-            elif blob is not None:
-                data = _chunks(blob)
-                hdrs["Content-Length"] = str(blob.size)
-            return await self._once(method, key, data, hdrs)
+            return await self._once(method, key, data, headers)
 
         return await with_retries(f"{method} {key}", op, self.policy, self.rate)
 
@@ -174,13 +168,41 @@ class HttpBackend(Backend):
         if status == 404:
             raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
 
-    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
-        if await self.exists(key):
-            return False
-        status, _, _ = await self._request("PUT", key, blob, {"Content-Type": content_type})
+    async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """One PUT with If-None-Match: *; created only when the server says 201 Created (RFC 9110), as
+        nginx does. A 412 (the key exists) or a 200/204 (a server that ignores the condition replaced
+        the object, with the same bytes: narstream.py) is not a creation."""
+        status, _, _ = await self._request("PUT", key, data, {"Content-Type": content_type, "If-None-Match": "*"})
         if status == 404:
             raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
-        return True
+        return status == 201
+
+    async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
+        """One streamed PUT (chunked transfer encoding): the server commits the object only when the
+        body's last chunk arrives, and that is sent only after the stream ended normally. If the stream
+        raises (a NarHash mismatch), the connection is cut before the end and nothing is committed. A
+        streamed body cannot be sent twice: a failure is an error of this attempt (the path is retried)."""
+        what = f"PUT {self.base}/{key}"
+        failure: list[BaseException] = []
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except BaseException as e:
+                failure.append(e)
+                raise
+
+        try:
+            status, _, _ = await self._once("PUT", key, body(), {"Content-Type": content_type})
+        except BaseException:
+            if failure:
+                raise failure[0] from None
+            raise
+        if failure:  # the client library swallowed the stream's error: never treat that as written
+            raise failure[0]
+        if status == 404:
+            raise PermanentBackendError(f"{what}: HTTP 404 (does the server accept PUT?)")
 
     async def delete(self, key: str) -> None:
         await self._request("DELETE", key)
@@ -196,6 +218,39 @@ class HttpBackend(Backend):
         except (TypeError, ValueError):
             mtime = 0.0
         return ObjectStat(key, int(hdrs.get("content-length", 0)), mtime, hdrs.get("etag"))
+
+    async def stat_top(self, keys: Collection[str], budget: int) -> dict[str, ObjectStat] | None:
+        """One WebDAV PROPFIND (Depth: 1) of the cache's top level, read while it stays under `budget`
+        requests' worth of answer (LISTING_BYTES each) and cut off otherwise; None then, or when the
+        server cannot list (it is not asked again)."""
+        if not self._listable:
+            return None
+        limit = budget * LISTING_BYTES
+        what = f"PROPFIND {self.base}/"
+        try:
+            async with self._sess().request(
+                "PROPFIND", f"{self.base}/", data=b"", headers={"Depth": "1"}, allow_redirects=False
+            ) as resp:
+                if resp.status != 207:
+                    self._listable = False
+                    await resp.release()
+                    return None
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    body += chunk
+                    if len(body) > limit:
+                        resp.close()  # a large cache: asking per key is cheaper than the rest
+                        return None
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            raise _transient(what, e) from None
+        base_path = urlsplit(self.base).path.rstrip("/") + "/"
+        wanted = set(keys)
+        found = {}
+        for href, is_dir, size, mtime, etag in _parse_multistatus(bytes(body)):
+            key = unquote(urlsplit(href).path)[len(base_path) :]
+            if not is_dir and key in wanted:
+                found[key] = ObjectStat(key, size, mtime, etag)
+        return found
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
         """Walk the cache with WebDAV PROPFIND (Depth: 1, directory by directory)."""
@@ -260,18 +315,6 @@ def _basic(user: str, password: str) -> str:
 def _safe(e: BaseException) -> bool:
     """Whether an aiohttp error's text is safe to show (it never holds more than host and port)."""
     return isinstance(e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError)
-
-
-async def _chunks(blob: Blob) -> AsyncIterator[bytes]:
-    if blob.data is not None:
-        yield blob.data
-        return
-    f = await asyncio.to_thread(blob.open)
-    try:
-        while chunk := await asyncio.to_thread(f.read, CHUNK):
-            yield chunk
-    finally:
-        f.close()
 
 
 __all__ = ["BackendError", "HttpBackend", "redact"]

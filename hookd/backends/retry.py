@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .base import BackendError
@@ -85,6 +85,8 @@ class AdaptiveRate:
         self._next = 0.0
         self._last_cut = -1e9
         self._lock = asyncio.Lock()
+        self.latency: float | None = None  # moving average of answered requests' time
+        self.fastest: float | None = None  # the lowest recent one (drifts up 1% a request)
 
     async def acquire(self) -> None:
         if self.rate is None:
@@ -96,12 +98,25 @@ class AdaptiveRate:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    def on_success(self) -> None:
+    def on_success(self, seconds: float | None = None) -> None:
+        if seconds is not None:
+            self.latency = seconds if self.latency is None else 0.9 * self.latency + 0.1 * seconds
+            self.fastest = seconds if self.fastest is None else min(seconds, self.fastest * 1.01)
         if self.rate is not None:
             self.rate *= self.growth
             if self.rate >= self.max_rate:
                 self.rate = None
                 log.info("backend no longer throttling: request rate limit lifted")
+
+    @property
+    def congested(self) -> bool:
+        """Whether the backend throttles or answers much slower than it can: fewer requests would
+        do as much (the signal the scheduler's parallelism follows)."""
+        if self.rate is not None:
+            return True
+        if self.latency is None or self.fastest is None:
+            return False
+        return self.latency > 2 * self.fastest + 0.005
 
     def on_throttle(self) -> None:
         now = time.monotonic()
@@ -129,6 +144,17 @@ class RetryPolicy:
         return max(backoff(attempt, self.base, self.cap), retry_after or 0.0)
 
 
+@dataclass
+class Remote:
+    """What every remote backend (S3, HTTP) takes alike: timeouts, connection pool, retries, rate."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_connections: int = 32
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    rate: AdaptiveRate = field(default_factory=AdaptiveRate)
+
+
 async def with_retries(what: str, op: Callable[[], Awaitable[T]], policy: RetryPolicy, rate: AdaptiveRate) -> T:
     """Run `op`, repeating it on RetryableError until the policy's attempts are spent."""
     deadline = _send_deadline.get()
@@ -136,6 +162,7 @@ async def with_retries(what: str, op: Callable[[], Awaitable[T]], policy: RetryP
         await rate.acquire()
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlinePassed(f"{what}: not sent, its deadline passed")
+        started = time.monotonic()
         try:
             result = await op()
         except RetryableError as e:
@@ -149,6 +176,6 @@ async def with_retries(what: str, op: Callable[[], Awaitable[T]], policy: RetryP
             log.debug("%s: %s; retry %d in %.2fs", what, e, attempt + 1, delay)
             await asyncio.sleep(delay)
         else:
-            rate.on_success()
+            rate.on_success(time.monotonic() - started)
             return result
     raise AssertionError("unreachable")

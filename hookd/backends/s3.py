@@ -1,22 +1,24 @@
 """A binary cache in an S3 bucket (AWS, MinIO, Garage, Ceph, R2…), through aiobotocore.
 
-Small NARs go up in one PUT (request budgets matter); large ones as a multipart upload whose parts are
-read from the staged file and sent concurrently, so memory holds at most `part_concurrency` parts. A
-multipart upload that fails is aborted. Credentials come from botocore's standard chain (environment,
-shared profile, instance role) or an explicit credentials file, and never appear in logs or errors:
-those carry the operation, the key and S3's error code.
+A small NAR goes up in one PUT (request budgets matter); a larger one as a multipart upload whose
+parts are sent as the stream fills them, `part_concurrency` at a time, so memory holds at most that
+many parts plus the one filling, and nothing is staged on disk. The upload is completed only after the
+stream ended normally, and aborted otherwise (a NarHash mismatch, a failed part). Credentials come
+from botocore's standard chain (environment, shared profile, instance role) or an explicit credentials
+file, and never appear in logs or errors: those carry the operation, the key and S3's error code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from .base import Backend, Blob, ObjectStat, PermanentBackendError, T
-from .retry import AdaptiveRate, RetryableError, RetryPolicy, parse_retry_after, with_retries
+from .base import Backend, ObjectStat, PermanentBackendError, PreconditionFailed, T
+from .retry import Remote, RetryableError, RetryPolicy, parse_retry_after, with_retries
 
 log = logging.getLogger("hookd.backend")
 
@@ -47,10 +49,6 @@ RETRY_CODES = {
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
-class PreconditionFailed(PermanentBackendError):
-    """A conditional request's condition did not hold (HTTP 412)."""
-
-
 class S3Backend(Backend):
     def __init__(
         self,
@@ -63,15 +61,12 @@ class S3Backend(Backend):
         addressing: str = "auto",
         storage_class: str | None = None,
         credentials_file: Path | None = None,
-        multipart_threshold: int = 32 << 20,
+        multipart_threshold: int = 8 << 20,
         part_size: int = 16 << 20,
-        part_concurrency: int = 4,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        max_connections: int = 32,
-        policy: RetryPolicy | None = None,
-        rate: AdaptiveRate | None = None,
+        part_concurrency: int = 2,
+        remote: Remote | None = None,
     ) -> None:
+        remote = remote or Remote()
         if addressing not in ("auto", "path", "virtual"):
             raise PermanentBackendError(f"S3 addressing {addressing!r}: expected path or virtual")
         self.bucket = bucket
@@ -86,14 +81,14 @@ class S3Backend(Backend):
         self.multipart_threshold = max(multipart_threshold, MIN_PART)
         self.part_size = max(part_size, MIN_PART)
         self.part_concurrency = max(1, part_concurrency)
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.max_connections = max_connections
-        self.policy = policy or RetryPolicy()
-        self.rate = rate or AdaptiveRate()
+        self.connect_timeout, self.read_timeout = remote.connect_timeout, remote.read_timeout
+        self.max_connections = remote.max_connections
+        self.policy, self.rate = remote.policy, remote.rate
         self._ctx: Any = None
         self._client: Any = None
         self._lock = asyncio.Lock()
+        self._conditional: bool | None = None
+        self.list_page = 1000  # keys per listing page (S3's maximum)
 
     async def _c(self) -> Any:
         async with self._lock:
@@ -118,6 +113,9 @@ class S3Backend(Backend):
                 )
                 self._client = await self._ctx.__aenter__()
             return self._client
+
+    def congested(self) -> bool:
+        return self.rate.congested
 
     async def close(self) -> None:
         if self._ctx is not None:
@@ -179,53 +177,73 @@ class S3Backend(Backend):
             extra["ContentEncoding"] = content_encoding
         await self._call("put_object", key, Key=self._key(key), Body=data, **extra)
 
-    async def put_stream(self, key: str, blob: Blob, content_type: str) -> bool:
-        if await self.exists(key):
+    async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+        """One conditional PUT (If-None-Match: *) where the server enforces it (probed once per
+        backend: AWS, moto and radosgw do); asking first otherwise."""
+        if self._conditional is None:
+            self._conditional = await self._probe_conditional()
+        if not self._conditional:
+            return await super().put_new(key, data, content_type)
+        try:
+            await self._call(
+                "put_object", key, Key=self._key(key), Body=data, IfNoneMatch="*", **self._extra(content_type)
+            )
+        except PreconditionFailed:
             return False
-        if blob.size < self.multipart_threshold:
-            data = blob.data if blob.data is not None else await asyncio.to_thread(_read_all, blob)
-            await self.put(key, data, content_type)
-        else:
-            await self._multipart(key, blob, content_type)
         return True
 
-    async def _multipart(self, key: str, blob: Blob, content_type: str) -> None:
-        part_size = max(self.part_size, -(-blob.size // MAX_PARTS))
-        count = -(-blob.size // part_size)
-        created = await self._call("create_multipart_upload", key, Key=self._key(key), **self._extra(content_type))
-        upload_id = created["UploadId"]
-        gate = asyncio.Semaphore(self.part_concurrency)
-
-        async def send(n: int) -> dict[str, Any]:
-            async with gate:  # read inside the gate: memory holds at most part_concurrency parts
-                data = await asyncio.to_thread(_read_part, blob, n * part_size, part_size)
-                res = await self._call(
-                    "upload_part", key, Key=self._key(key), UploadId=upload_id, PartNumber=n + 1, Body=data
-                )
-                return {"PartNumber": n + 1, "ETag": res["ETag"]}
-
+    async def _probe_conditional(self) -> bool:
+        """Whether a second conditional PUT of one key is refused (an old server ignores the header)."""
+        probe = f"nar/.hookd-probe-{uuid.uuid4().hex}"
         try:
-            tasks = [asyncio.create_task(send(n)) for n in range(count)]
-            try:
-                parts = await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            for _ in range(2):
+                await self._call("put_object", probe, Key=self._key(probe), Body=b"", IfNoneMatch="*")
+        except PreconditionFailed:
+            return True
+        finally:
+            await self.delete(probe)
+        log.info("%s ignores If-None-Match on PUT: NARs are asked for before they are written", self.url)
+        return False
+
+    async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
+        """One PUT when the NAR is smaller than multipart_threshold; otherwise a multipart upload whose
+        parts are sent as they fill, `part_concurrency` at a time, completed after a normal end only."""
+        part_size = max(self.part_size, -(-(size_hint + (size_hint >> 7) + (1 << 20)) // MAX_PARTS))
+        buf = bytearray()
+        upload: _Multipart | None = None
+        try:
+            async for chunk in chunks:
+                buf += chunk
+                if upload is None and len(buf) < self.multipart_threshold:
+                    continue
+                while len(buf) >= part_size:
+                    if upload is None:
+                        upload = await self._create(key, content_type)
+                    await upload.send(bytes(memoryview(buf)[:part_size]))
+                    del buf[:part_size]
+            if upload is None:
+                await self.put(key, bytes(buf), content_type)
+                return
+            if buf:
+                await upload.send(bytes(buf))
+            parts = await upload.parts()
             try:
                 await self._call(
-                    "complete_multipart_upload", key, Key=self._key(key), UploadId=upload_id,
-                    MultipartUpload={"Parts": list(parts)},
+                    "complete_multipart_upload", key, Key=self._key(key), UploadId=upload.upload_id,
+                    MultipartUpload={"Parts": parts},
                 )  # fmt: skip
             except Exception:
                 # A completion whose answer was lost is retried into NoSuchUpload: the object is there.
-                done = await self.stat(key)
-                if done is None or done.size != blob.size:
+                if await self.stat(key) is None:
                     raise
         except BaseException:
-            await asyncio.shield(self._abort(key, upload_id))
+            if upload is not None:
+                await asyncio.shield(upload.abandon())
             raise
+
+    async def _create(self, key: str, content_type: str) -> _Multipart:
+        created = await self._call("create_multipart_upload", key, Key=self._key(key), **self._extra(content_type))
+        return _Multipart(self, key, created["UploadId"])
 
     async def _abort(self, key: str, upload_id: str) -> None:
         """Abort a failed multipart upload, so its parts do not linger (and cost) in the bucket."""
@@ -276,6 +294,26 @@ class S3Backend(Backend):
             return None
         return ObjectStat(key, int(res["ContentLength"]), res["LastModified"].timestamp(), res.get("ETag"))
 
+    async def stat_top(self, keys: Collection[str], budget: int) -> dict[str, ObjectStat] | None:
+        """ListObjectsV2 of the top level (Delimiter "/": nar/, log/… count as one entry each), a
+        thousand keys a page, given up after `budget` pages."""
+        wanted = set(keys)
+        found: dict[str, ObjectStat] = {}
+        token: str | None = None
+        for _ in range(budget):
+            kwargs: dict[str, Any] = {"Prefix": self.prefix, "Delimiter": "/", "MaxKeys": self.list_page}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._call("list_objects_v2", "", **kwargs)
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(self.prefix) :]
+                if key in wanted:
+                    found[key] = ObjectStat(key, int(obj["Size"]), obj["LastModified"].timestamp(), obj.get("ETag"))
+            if not page.get("IsTruncated"):
+                return found
+            token = page.get("NextContinuationToken")
+        return None
+
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:
         token: str | None = None
         while True:
@@ -295,17 +333,42 @@ class S3Backend(Backend):
             token = page.get("NextContinuationToken")
 
 
-def _read_all(blob: Blob) -> bytes:
-    with blob.open() as f:
-        return f.read()
+class _Multipart:
+    """A multipart upload in progress: parts in flight (at most part_concurrency), their ETags."""
 
+    def __init__(self, backend: S3Backend, key: str, upload_id: str) -> None:
+        self.backend, self.key, self.upload_id = backend, key, upload_id
+        self.tasks: list[asyncio.Task[dict[str, Any]]] = []
+        self.gate = asyncio.Semaphore(backend.part_concurrency)
 
-def _read_part(blob: Blob, offset: int, size: int) -> bytes:
-    if blob.data is not None:
-        return blob.data[offset : offset + size]
-    with blob.open() as f:
-        f.seek(offset)
-        return f.read(size)
+    async def send(self, data: bytes) -> None:
+        """Start sending the next part once fewer than part_concurrency are in flight (back pressure
+        on the stream: memory holds at most part_concurrency parts plus the one filling)."""
+        await self.gate.acquire()
+        for t in self.tasks:
+            if t.done() and t.exception() is not None:  # fail early: the stream stops being read
+                self.gate.release()
+                await t
+        self.tasks.append(asyncio.create_task(self._part(len(self.tasks) + 1, data)))
+
+    async def _part(self, number: int, data: bytes) -> dict[str, Any]:
+        b = self.backend
+        try:
+            res = await b._call(
+                "upload_part", self.key, Key=b._key(self.key), UploadId=self.upload_id, PartNumber=number, Body=data
+            )
+            return {"PartNumber": number, "ETag": res["ETag"]}
+        finally:
+            self.gate.release()
+
+    async def parts(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*self.tasks))
+
+    async def abandon(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.backend._abort(self.key, self.upload_id)
 
 
 def _classify(what: str, e: Exception) -> None:

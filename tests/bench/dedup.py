@@ -26,7 +26,7 @@ from hookd import narinfo
 from hookd.selftest import HookdProcess, NixEnv
 
 from ..servers import FaultProxy, Nginx
-from .upload import make_small_closure
+from .workloads import make_small_closure
 
 
 def enqueue(hookd: HookdProcess, line: str) -> int:

@@ -21,9 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hookd import gc
 from hookd.backends import Backend, open_backend
 from hookd.config import Config
+from hookd.plan import plan
+from hookd.snapshot import NarinfoIndex, snapshot
 
 from ..cachegen import synthetic, write_tree
 from ..servers import ACCESS_KEY, SECRET_KEY, Moto
@@ -40,8 +41,8 @@ async def bare_listing(backend: Backend) -> tuple[float, int]:
 async def gc_plan(backend: Backend, index_file: Path) -> tuple[float, int]:
     """One GC plan as `hookd gc --dry-run` makes it: a fresh index object over the index file."""
     t = time.perf_counter()
-    snap = await gc.snapshot(backend, gc.NarinfoIndex(index_file))
-    gc.plan(snap, now=time.time(), older_than=86400, grace=3600)
+    snap = await snapshot(backend, NarinfoIndex(index_file))
+    plan(snap, now=time.time(), older_than=86400, grace=3600)
     return time.perf_counter() - t, snap.narinfo_reads
 
 

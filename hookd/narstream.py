@@ -1,0 +1,269 @@
+"""A NAR on its way from the store to the cache: the key it gets before its first byte, and its bytes,
+dumped, checked against the store's NarHash, compressed and hashed in a worker thread.
+
+The key scheme (why a NAR's key can be chosen before it is compressed):
+
+    nar/<nix32 NarHash>[-<encoding tag>].nar<ext>     for example  nar/0a1b…-zstd3-1.5.7.nar.zst
+
+The tag names everything the compressed bytes depend on besides the NAR: the compressor, its level, its
+mode and job size (zstd's multi-threaded format differs from its single-threaded one, not from itself
+with another number of workers), and the library's version. Encoding is deterministic for a given tag (checked by
+tests/test_narstream.py), and NarHash is a SHA-256 of the NAR, so:
+
+- every writer of a key writes the same bytes: two different blobs never share a key, whichever writer
+  wins a race or overwrites the other, so the FileHash and FileSize of any narinfo pointing at it are
+  true (a narinfo records them only for bytes its uploader encoded itself; otherwise it omits FileHash);
+- builders running the same hookd and library share NARs (dedup): the key depends on the path's
+  contents, not on who uploads it; a different zstd version writes a second NAR beside the first, never
+  over it;
+- a key is only ever committed after the stream's NarHash was checked (`NarStream` raises before it
+  ends normally, and every backend commits only after a normal end), so no key holds a NAR other than
+  the one its name says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import hashlib
+import lzma
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyzstd
+
+from . import nar, nixbase32
+from .narinfo import COMPRESSION_EXT
+from .store import PathInfo
+
+SMALL_NAR = 4 << 20
+"""NARs up to this size are encoded whole in memory and sent in one request, without asking first
+whether the cache has them: the PUT costs about what the question would."""
+THREADED_FROM = 16 << 20
+"""zstd compresses NARs from this size with worker threads (one per core)."""
+JOB_MIB = 2
+"""zstd's threaded job size: with the default (8 MiB at level 3) its buffers take ~100 MiB; with 2 MiB
+~30 MiB, for a 3% larger NAR. Part of the encoding tag: changing it changes the bytes."""
+EMIT = 1 << 20
+"""Compressed bytes are handed to the backend in pieces of about this size."""
+
+
+class NarMismatchError(Exception):
+    """The path on disk does not match the store's NarHash/NarSize: never upload it."""
+
+
+class Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: bytes) -> bytes:
+        return bytes(data)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+@functools.cache
+def library_version(compression: str) -> str:
+    """The version of the library that produces `compression`'s bytes (part of a NAR's key)."""
+    if compression == "zstd":
+        return str(pyzstd.zstd_version)
+    if compression == "xz":
+        try:
+            lib = ctypes.CDLL("liblzma.so.5")
+            lib.lzma_version_string.restype = ctypes.c_char_p
+            return str(lib.lzma_version_string().decode())
+        except (OSError, AttributeError):  # not Linux's liblzma: the Python build fixes the bytes
+            return f"py{sys.version_info.major}.{sys.version_info.minor}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a NAR is compressed; with its NarHash, it names the NAR's key (see the module docstring)."""
+
+    compression: str
+    level: int
+    threaded: bool = False
+
+    @property
+    def tag(self) -> str:
+        if self.compression == "none":
+            return ""
+        mode = f"-mt{JOB_MIB}m" if self.threaded else ""
+        return f"{self.compression}{self.level}{mode}-{library_version(self.compression)}"
+
+    def key(self, nar_hash: bytes) -> str:
+        tag = f"-{self.tag}" if self.tag else ""
+        return f"nar/{nixbase32.encode(nar_hash)}{tag}.nar{COMPRESSION_EXT[self.compression]}"
+
+    def compressor(self) -> Compressor:
+        if self.compression == "zstd":
+            options: dict[int, int] = {pyzstd.CParameter.compressionLevel: self.level}
+            if self.threaded:
+                options[pyzstd.CParameter.nbWorkers] = max(1, os.cpu_count() or 1)
+                options[pyzstd.CParameter.jobSize] = JOB_MIB << 20
+            return pyzstd.ZstdCompressor(options)
+        if self.compression == "xz":
+            return lzma.LZMACompressor(format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=self.level)
+        if self.compression == "none":
+            return _Identity()
+        raise ValueError(f"unknown compression {self.compression!r}")
+
+
+def encoding(compression: str, level: int, nar_size: int) -> Encoding:
+    """The encoding every hookd with this compression setting uses for a NAR of this size."""
+    return Encoding(compression, level, threaded=compression == "zstd" and nar_size >= THREADED_FROM)
+
+
+_niced = threading.local()
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Make this worker thread (and the compressor threads it starts) yield the CPU to builds and to
+    the daemon's event loop. On Linux, niceness is per thread and inherited by threads it creates."""
+    if nice and not getattr(_niced, "done", False):
+        with contextlib.suppress(OSError):
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            )
+        _niced.done = True
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What is known of a NAR's compressed bytes once they have all been produced."""
+
+    file_hash: bytes
+    file_size: int
+
+
+def encode(
+    info: PathInfo, enc: Encoding, sink: Callable[[bytes], None], stopped: Callable[[], bool] = lambda: False
+) -> Encoded:
+    """Dump `info`'s path, check it against the store's NarHash and NarSize, compress it, and hand the
+    compressed bytes to `sink` (blocking: run it in a thread). Raises NarMismatchError before the
+    compressor's last bytes, so a consumer that commits only on a normal end commits nothing wrong;
+    _Stopped as soon as `stopped()` says nobody wants the rest."""
+    nar_hash, file_hash = hashlib.sha256(), hashlib.sha256()
+    nar_size = file_size = 0
+    comp = enc.compressor()
+    for chunk in nar.dump(info.path):
+        if stopped():
+            raise _Stopped
+        nar_hash.update(chunk)
+        nar_size += len(chunk)
+        if out := comp.compress(chunk):
+            file_hash.update(out)
+            file_size += len(out)
+            sink(out)
+    check(info, nar_hash.digest(), nar_size)
+    out = comp.flush()
+    file_hash.update(out)
+    sink(out)
+    return Encoded(file_hash.digest(), file_size + len(out))
+
+
+def check(info: PathInfo, digest: bytes, size: int) -> None:
+    if size != info.nar_size or digest != info.nar_hash:
+        raise NarMismatchError(
+            f"{info.path}: the contents on disk do not match the Nix store's record "
+            f"(store: NarHash {nixbase32.format_hash(info.nar_hash)}, NarSize {info.nar_size}; "
+            f"disk: NarHash {nixbase32.format_hash(digest)}, NarSize {size}). The path was "
+            f"modified or corrupted after it was built; nothing was uploaded. Check it with "
+            f"`nix-store --verify-path {info.path}` and repair it with `nix-store --repair-path`."
+        )
+
+
+def encode_whole(info: PathInfo, enc: Encoding, nice: int = 0) -> tuple[bytes, Encoded]:
+    """A small NAR, compressed, in memory (blocking: run it in a thread)."""
+    lower_thread_priority(nice)
+    parts: list[bytes] = []
+    encoded = encode(info, enc, parts.append)
+    return b"".join(parts), encoded
+
+
+_END = object()
+
+
+class NarStream:
+    """A path's compressed NAR as an async iterator of pieces, produced by a worker thread that runs at
+    most `ahead` pieces ahead of the consumer (memory stays bounded whatever the NAR's size).
+
+    The iteration raises NarMismatchError instead of ending when the path differs from the store's
+    record. `encoded` is set once the iteration has ended normally. `close()` stops the worker early.
+    """
+
+    def __init__(self, info: PathInfo, enc: Encoding, nice: int = 0, ahead: int = 2) -> None:
+        self.info, self.enc, self.nice = info, enc, nice
+        self.encoded: Encoded | None = None
+        self._slots = threading.Semaphore(ahead)
+        self._stopped = threading.Event()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._thread: threading.Thread | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._thread is not None:
+            raise RuntimeError("a NarStream is read once")
+        loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._produce, args=(loop,), name=f"nar {self.info.path}", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                item = await self._queue.get()
+                self._slots.release()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, bytes)
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._slots.release()  # a worker waiting for room wakes up and sees the stop
+
+    def _produce(self, loop: asyncio.AbstractEventLoop) -> None:
+        lower_thread_priority(self.nice)
+        pending = bytearray()
+
+        def emit(data: bytes) -> None:
+            pending.extend(data)
+            if len(pending) >= EMIT:
+                self._put(loop, bytes(pending))
+                pending.clear()
+
+        try:
+            encoded = encode(self.info, self.enc, emit, self._stopped.is_set)
+            if pending:
+                self._put(loop, bytes(pending))
+            self.encoded = encoded
+            self._put(loop, _END)
+        except _Stopped:
+            return
+        except BaseException as e:  # handed to the consumer, which raises it
+            with contextlib.suppress(_Stopped):
+                self._put(loop, e)
+
+    def _put(self, loop: asyncio.AbstractEventLoop, item: object) -> None:
+        self._slots.acquire()
+        if self._stopped.is_set():
+            raise _Stopped
+        try:
+            loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody reads any more
+            raise _Stopped from None
+
+
+class _Stopped(Exception):
+    """The consumer went away: the worker ends without producing the rest."""

@@ -1,0 +1,128 @@
+"""The NAR pipeline without a cache: the key scheme's premise (encoding is deterministic for a tag), the
+NarHash check that comes before the last byte, bounded read-ahead, and stopping early."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import pyzstd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hookd import nar, narstream, nixbase32
+from hookd.narstream import Encoding, NarMismatchError, NarStream
+from hookd.store import PathInfo
+
+
+def make_path(root: Path, files: dict[str, bytes]) -> PathInfo:
+    top = root / "6q5cdpsrvdpmkzh5sy8wdc7vz7p51z1c-x"
+    top.mkdir()
+    for name, data in files.items():
+        (top / name).write_bytes(data)
+    dumped = b"".join(nar.dump(top))
+    return PathInfo(str(top), hashlib.sha256(dumped).digest(), len(dumped), ())
+
+
+def compressible(n: int) -> bytes:
+    words = [os.urandom(8).hex().encode() for _ in range(64)]
+    out, i = bytearray(), 0
+    while len(out) < n:
+        out += words[(i * 7919) % 64] + b" "
+        i += 1
+    return bytes(out[:n])
+
+
+def test_key_names_the_nar_and_the_encoding() -> None:
+    h = hashlib.sha256(b"x").digest()
+    st_key = Encoding("zstd", 3).key(h)
+    mt_key = Encoding("zstd", 3, threaded=True).key(h)
+    assert st_key == f"nar/{nixbase32.encode(h)}-zstd3-{pyzstd.zstd_version}.nar.zst"
+    assert mt_key != st_key and f"zstd3-mt{narstream.JOB_MIB}m-" in mt_key
+    assert Encoding("zstd", 19).key(h) != st_key
+    assert Encoding("none", 0).key(h) == f"nar/{nixbase32.encode(h)}.nar"
+    assert Encoding("xz", 6).key(h).endswith(".nar.xz")
+    assert narstream.encoding("zstd", 3, narstream.THREADED_FROM).threaded
+    assert not narstream.encoding("zstd", 3, narstream.THREADED_FROM - 1).threaded
+
+
+def _encode(data: bytes, enc: Encoding, splits: list[int]) -> bytes:
+    comp, out, at = enc.compressor(), [], 0
+    for n in [*splits, len(data)]:
+        out.append(comp.compress(data[at : at + n]))
+        at += n
+    return b"".join(out) + comp.flush()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    size=st.integers(0, 3 << 20),
+    splits=st.lists(st.integers(1, 1 << 20), max_size=6),
+    enc=st.sampled_from([Encoding("zstd", 3), Encoding("zstd", 3, True), Encoding("xz", 1), Encoding("none", 0)]),
+    workers=st.integers(1, 4),
+)
+def test_encoding_is_deterministic_for_its_tag(size: int, splits: list[int], enc: Encoding, workers: int) -> None:
+    """The key scheme's premise: whoever encodes a NAR with a tag gets the same bytes, however the input
+    arrives and (zstd threaded) whatever the number of workers."""
+    data = compressible(size // 2) + os.urandom(size - size // 2)
+    reference = _encode(data, enc, [])
+    with mock.patch("os.cpu_count", return_value=workers):
+        assert _encode(data, enc, splits) == reference
+
+
+def test_threaded_zstd_differs_from_single_threaded_hence_its_own_tag() -> None:
+    data = compressible(4 << 20)
+    assert _encode(data, Encoding("zstd", 3), []) != _encode(data, Encoding("zstd", 3, True), [])
+
+
+def test_encode_whole_checks_the_nar_hash(tmp_path: Path) -> None:
+    info = make_path(tmp_path, {"a": b"hello", "b": compressible(10000)})
+    data, encoded = narstream.encode_whole(info, Encoding("zstd", 3))
+    assert pyzstd.decompress(data) == b"".join(nar.dump(info.path))
+    assert encoded.file_hash == hashlib.sha256(data).digest() and encoded.file_size == len(data)
+    (Path(info.path) / "a").write_bytes(b"hellO")
+    with pytest.raises(NarMismatchError, match="do not match"):
+        narstream.encode_whole(info, Encoding("zstd", 3))
+
+
+async def test_stream_yields_the_encoding_and_raises_before_its_end_on_a_mismatch(tmp_path: Path) -> None:
+    info = make_path(tmp_path, {"big": os.urandom(6 << 20), "text": compressible(3 << 20)})
+    single = [p async for p in NarStream(info, Encoding("zstd", 3))]
+    assert len(single) > 3 and max(map(len, single)) < 2 * narstream.EMIT  # handed on as produced
+    enc = Encoding("zstd", 3, threaded=True)
+    stream = NarStream(info, enc)
+    data = b"".join([p async for p in stream])
+    assert data == narstream.encode_whole(info, enc)[0]
+    assert stream.encoded is not None and stream.encoded.file_hash == hashlib.sha256(data).digest()
+
+    (Path(info.path) / "text").write_bytes(compressible(3 << 20)[::-1])  # same size, other bytes
+    bad = NarStream(info, enc)
+    got = []
+    with pytest.raises(NarMismatchError):
+        async for piece in bad:
+            got.append(piece)
+    assert bad.encoded is None
+    # the compressor's final bytes never went out: what the consumer saw is not a whole NAR (and a
+    # backend commits only on a normal end anyway)
+    with pytest.raises(pyzstd.ZstdError):
+        pyzstd.decompress(b"".join(got))
+
+
+async def test_stream_runs_a_bounded_distance_ahead_and_stops_when_closed(tmp_path: Path) -> None:
+    info = make_path(tmp_path, {"big": os.urandom(24 << 20)})
+    stream = NarStream(info, Encoding("none", 0), ahead=2)
+    it = aiter(stream)
+    first = await anext(it)
+    assert first
+    await asyncio.sleep(0.3)  # the worker fills what room it has, then waits
+    assert stream._queue.qsize() <= 2
+    await it.aclose()  # type: ignore[attr-defined]
+    assert stream._thread is not None
+    await asyncio.to_thread(stream._thread.join, 5)
+    assert not stream._thread.is_alive()
+    assert not [t for t in threading.enumerate() if t.name.startswith("nar ")]
