@@ -23,6 +23,8 @@ import stat
 import struct
 from typing import Any
 
+from . import encoding
+
 CONTENT_TYPE = "application/json"
 VERSION = 1
 _U64 = struct.Struct("<Q")
@@ -123,8 +125,19 @@ class ListingBuilder:
         self._gen = self._parse()
         self._want: int = next(self._gen)  # bytes the parser needs next; -1 once the NAR is complete
         self._root: Node | None = None
+        self.error: str | None = None  # why the NAR could not be read; further bytes are ignored
 
     def feed(self, data: bytes) -> None:
+        """Take the next bytes of the NAR; raises ListingError (once, then ignores the rest) on a bad NAR."""
+        if self.error is not None:
+            return
+        try:
+            self._feed(data)
+        except ListingError as e:
+            self.error = str(e)
+            raise
+
+    def _feed(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             if self._skip:
@@ -158,6 +171,8 @@ class ListingBuilder:
             self._want = want
 
     def finish(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise ListingError(self.error)
         if self._root is None or self._skip or self._buf or self._want >= 0:
             raise ListingError(f"NAR truncated at byte {self.offset}")
         return {"version": VERSION, "root": self._root}
@@ -250,10 +265,11 @@ def render(listing: dict[str, Any]) -> bytes:
 
 
 def parse(data: bytes) -> dict[str, Any]:
-    """A listing read from a cache, checked for the shape clients rely on; raises ListingError."""
+    """A listing read from a cache (as stored, or decoded), checked for the shape clients rely on; raises
+    ListingError."""
     try:
-        listing = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+        listing = json.loads(encoding.decode(data))
+    except (ValueError, UnicodeDecodeError) as e:  # EncodingError is a ValueError
         raise ListingError(f"not JSON: {e}") from None
     if not isinstance(listing, dict) or listing.get("version") != VERSION or "root" not in listing:
         raise ListingError('not a NAR listing ({"version": 1, "root": …})')

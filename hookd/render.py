@@ -139,11 +139,17 @@ def gc_report(out: Mapping[str, Any]) -> list[str]:
 
 def verify_report(report: Report, deep: bool) -> list[str]:
     lines = [f"broken: {k}: {why}" for k, why in sorted(report.broken.items())]
+    lines += [f"bad: {k}: {why}" for k, why in sorted(report.bad.items())]
     lines += [f"unknown object: {k}" for k in report.unknown[:20]]
-    state = "whole" if report.whole else f"{len(report.broken)} broken narinfos"
-    lines.append(f"{report.narinfos} narinfos checked{' (deep)' if deep else ''}: {state}")
+    faults = [f"{n} broken narinfos" for n in [len(report.broken)] if n]
+    faults += [f"{n} bad listings or realisations" for n in [len(report.bad)] if n]
+    state = "whole" if report.whole else ", ".join(faults)
+    lines.append(
+        f"{report.narinfos} narinfos, {report.listings} listings, {report.realisations} realisations checked"
+        f"{' (deep)' if deep else ''}: {state}"
+    )
     if report.repaired:
-        lines.append(f"repaired: deleted {len(report.repaired)} broken narinfos")
+        lines.append(f"repaired: deleted {len(report.repaired)} broken narinfos, listings or realisations")
     return lines
 
 
