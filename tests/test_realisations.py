@@ -6,6 +6,7 @@ signatures required and builds forbidden, on the Nix of this block (every Nix of
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,11 +17,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from hookd import derivation, realisation
+from hookd import derivation, listing, narinfo, realisation
+from hookd.cli import main
 from hookd.selftest import HookdProcess, NixEnv, _run, install_launcher, wait_for_narinfos
 from hookd.signing import PublicKey, SecretKey
 from hookd.store import nix_version, outputs_installable
+
+from .conftest import FAST_BOUNDS
 
 # Written by Nix 2.8.0's `nix copy` (realisations/sha256:eae2…!dev.doi), and printed by Nix 2.26.3's
 # `nix realisation info --json` for an unresolved derivation with a CA input.
@@ -179,11 +184,13 @@ class CaNix:
     def public_key(self) -> str:
         return self.public_file.read_text().strip()
 
-    def realisations(self) -> dict[str, realisation.Realisation]:
+    def realisations(self, layout: str = "") -> dict[str, realisation.Realisation]:
+        """The cache's realisations (of one layout: realisations/ or build-trace-v2/), by key."""
         found = {}
-        for f in (self.cache / "realisations").glob("*.doi"):
-            key = f"realisations/{f.name}"
-            found[key] = realisation.parse_cached(key, f.read_bytes())
+        for f in [*self.cache.glob("realisations/*.doi"), *self.cache.glob("build-trace-v2/*/*.doi")]:
+            key = str(f.relative_to(self.cache))
+            if key.startswith(layout):
+                found[key] = realisation.parse_cached(key, f.read_bytes())
         return found
 
     def substitute_by_derivation(self, cache: Path, expr: Path, attr: str, salt: str, fresh: Path) -> list[str]:
@@ -250,7 +257,7 @@ def test_ca_derivation_is_substituted_by_derivation(canix: CaNix, build_user: st
             for r in realisation.parse_store(json.loads(proc.stdout), nix.store_dir):
                 theirs[r.key] = r
     assert {r.out_path for r in theirs.values()} >= {Path(p).name for p in closure}
-    wait_for("realisations in the cache", lambda: set(canix.realisations()) >= set(theirs))
+    wait_for("realisations in the cache", lambda: set(canix.realisations("realisations/")) >= set(theirs))
 
     public = PublicKey.parse(canix.public_key)
     secret = SecretKey.parse(canix.key_file.read_text())
@@ -274,3 +281,72 @@ def test_ca_derivation_is_substituted_by_derivation(canix: CaNix, build_user: st
     shutil.rmtree(bare / "realisations")
     with pytest.raises(RuntimeError, match="substitution failed"):
         canix.substitute_by_derivation(bare, expr, "b", salt, tmp_path / "fresh2")
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=FAST_BOUNDS)
+    return result.exit_code, result.output
+
+
+@pytest.mark.nix
+def test_verify_and_gc_know_listings_and_realisations(canix: CaNix, build_user: str) -> None:
+    nix, cache = canix.nix, canix.cache
+    expr = nix.write_expr("ca.nix", CA_NIX)
+    out, dev = nix.build(expr, ["b.out", "b.dev"], user=build_user, args={"salt": str(time.time_ns())})
+    closure = nix.closure([out, dev])
+    wait_for_narinfos(cache, closure)
+    wait_for("realisations of both outputs", lambda: {r.out_path for r in canix.realisations().values()} >= {
+        Path(out).name, Path(dev).name})  # fmt: skip
+    canix.hookd.stop()
+    url, key, state = f"file://{cache}", str(canix.public_file), ["--config", "/dev/null"]
+    code, text = invoke("verify", "--cache", url, "--public-key", key, "--deep", "--json", *state)
+    report = json.loads(text)
+    assert code == 0 and report["whole"], text
+    assert report["listings"] == len(closure) and report["realisations"] >= 2
+
+    # a listing that lies about a size (verify), one whose offsets are wrong (only --deep), a forged realisation
+    ls_out = cache / listing.key(Path(out).name[:32])
+    ls_dev = cache / listing.key(Path(dev).name[:32])
+    doc = json.loads(ls_out.read_bytes())
+    doc["root"]["entries"]["a"]["size"] += 8  # (within the padding, only --deep would see it)
+    ls_out.write_bytes(json.dumps(doc).encode())
+    doc = json.loads(ls_dev.read_bytes())
+    doc["root"]["narOffset"] += 8
+    ls_dev.write_bytes(json.dumps(doc).encode())
+    forged_key, forged = next((k, r) for k, r in canix.realisations().items() if r.out_path == Path(out).name)
+    (cache / forged_key).write_bytes(replace(forged, signatures=()).signed(SecretKey.generate("ca-test-1")).render())
+    code, text = invoke("verify", "--cache", url, "--public-key", key, "--json", *state)
+    report = json.loads(text)
+    assert code == 1 and not report["broken"]  # the narinfos are fine
+    assert set(report["bad"]) == {ls_out.name, forged_key}, report["bad"]
+    assert "NarSize" in report["bad"][ls_out.name] and "signature" in report["bad"][forged_key]
+    code, text = invoke("verify", "--cache", url, "--public-key", key, "--deep", "--json", *state)
+    assert "does not match its NAR" in json.loads(text)["bad"][ls_dev.name]
+    code, text = invoke("verify", "--cache", url, "--public-key", key, "--deep", "--repair", *state)
+    assert code == 0 and not ls_out.exists() and not ls_dev.exists() and not (cache / forged_key).exists()
+    assert invoke("verify", "--cache", url, "--public-key", key, "--deep", *state)[0] == 0
+
+    had_listing = [p for p in nix.closure([out]) if (cache / listing.key(Path(p).name[:32])).exists()]
+    assert had_listing  # a's (repair took b's)
+    # GC: everything old; b's output pinned. Its closure stays with its listings and realisations; b.dev
+    # goes, and its listing and realisations with it
+    for f in cache.rglob("*"):
+        if f.is_file():
+            t = time.time() - 3 * 86400
+            os.utime(f, (t, t))
+    gc = ["gc", "--cache", url, "--older-than", "1d", "--grace", "1h", *state]
+    assert invoke("pin", "b", out, "--cache", url, *state)[0] == 0
+    code, text = invoke(*gc)
+    assert code == 0, text
+    left = canix.realisations()
+    kept = {Path(p).name for p in nix.closure([out])}  # b's output and a's
+    assert {r.out_path for r in left.values()} == kept, left
+    assert any(k.startswith("build-trace-v2/") for k in left)  # both layouts are collected
+    for r in left.values():  # what stays names what stays
+        assert (cache / f"{r.out_path[:32]}.narinfo").exists()
+    assert not (cache / narinfo.narinfo_key(dev)).exists() and not (cache / listing.key(Path(dev).name[:32])).exists()
+    for p in nix.closure([out]):
+        assert (cache / narinfo.narinfo_key(p)).exists()
+    for p in had_listing:
+        assert (cache / listing.key(Path(p).name[:32])).exists()
+    assert invoke("verify", "--cache", url, "--public-key", key, "--deep", *state)[0] == 0
