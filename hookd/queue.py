@@ -445,11 +445,6 @@ class Queue:
             )
 
     @_serialized
-    async def realisation_counts(self) -> dict[str, int]:
-        rows = await self.db.execute_fetchall("SELECT state, COUNT(*) FROM realisations GROUP BY state")
-        return {str(state): int(n) for state, n in rows}
-
-    @_serialized
     async def written_since(self, since: float) -> dict[str, float]:
         """Paths whose narinfo this daemon wrote after `since` (wall clock), and when: what it may rely
         on after a restart without touching it again (hookd/safety.py)."""
@@ -717,8 +712,14 @@ class Queue:
             f"AND state IN {sql_list((PENDING, FAILED, BLOCKED))} ORDER BY updated DESC LIMIT 5"
         )
         errors = [dict(zip(("path", "state", "error", "time"), r, strict=True)) for r in await cur.fetchall()]
+        try:
+            cur = await self.db.execute("SELECT state, COUNT(*) FROM realisations GROUP BY state")
+            realisations = {str(state): int(n) for state, n in await cur.fetchall()}
+        except sqlite3.OperationalError:  # a database the daemon has not opened since realisations came
+            realisations = {}
         return {
             "counts": counts,
+            "realisations": realisations,
             "uploaded": rates,
             "uploaded_total": {"paths": total_n, "bytes": total_b},
             "oldest_pending": {"path": oldest[0], "age": now - oldest[1]} if oldest else None,

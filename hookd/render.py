@@ -171,6 +171,9 @@ def status(st: Mapping[str, Any]) -> list[str]:
     rates = "  ".join(f"{k}: {v['paths']} paths, {format_size(v['bytes'])}" for k, v in st["uploaded"].items())
     total = st["uploaded_total"]
     lines += [f"{'uploaded':10} {rates}", f"{'':10} in all: {total['paths']} paths, {format_size(total['bytes'])}"]
+    if r := st.get("realisations"):
+        waiting = r.get("pending", 0)
+        lines.append(f"{'realisations':10} {r.get('published', 0)} published, {waiting} waiting for their output")
     if o := st["oldest_pending"]:
         lines.append(f"{'oldest':10} {o['path']} (waiting {format_duration(o['age'])})")
     if st["last_errors"]:
