@@ -10,6 +10,7 @@ Pure: parses bytes already read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ class Derivation:
 
 
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
+_PLAIN = re.compile(r'[^"\\]*')  # a run of a string's characters that need no unescaping
 
 
 class _Reader:
@@ -78,9 +80,8 @@ class _Reader:
         self.take('"')
         out = []
         while True:
-            end = self.pos
-            while end < len(self.text) and self.text[end] not in '"\\':
-                end += 1
+            m = _PLAIN.match(self.text, self.pos)
+            end = m.end() if m else self.pos
             out.append(self.text[self.pos : end])
             if end >= len(self.text):
                 raise DerivationError("unterminated string")
