@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import ParamSpec, TypedDict, TypeVar
 
-from . import narinfo
+from . import narinfo, realisation
 from .backends import ObjectStat
 
 PIN_PREFIX = "hookd-pins/"
@@ -76,8 +76,13 @@ def known_kind(key: str) -> bool:
         key in KEEP_ALWAYS
         or is_narinfo(key)
         or (key.endswith(".ls") and "/" not in key)
-        or key.startswith(("nar/", "log/", "realisations/", PIN_PREFIX))
+        or key.startswith(("nar/", "log/", realisation.LEGACY_PREFIX, realisation.TRACE_PREFIX, PIN_PREFIX))
     )
+
+
+def is_realisation(key: str) -> bool:
+    """A realisation of a content-addressed derivation's output (either layout: realisation.py)."""
+    return realisation.is_key(key)
 
 
 @pausing_gc
@@ -273,3 +278,13 @@ class Catalog:
             derivers = {self.derivers[i] for i in gone} - {self.derivers[i] for i in kept} - {None}
             logs = [o for o in logs if o.key[4:] in derivers]
         return listings, logs
+
+    def orphan_realisations(
+        self, outputs: Mapping[str, str], others: Sequence[ObjectStat], gone: Collection[int]
+    ) -> list[ObjectStat]:
+        """Realisations whose output's narinfo is not in the cache once the `gone` rows are; `outputs` maps a
+        realisation's key to its output's base name ("" when it could not be read: such a one stays)."""
+        if not outputs:
+            return []
+        present = {k[:32] for i, k in enumerate(self.keys) if i not in gone}
+        return [o for o in others if (out := outputs.get(o.key)) and out[:32] not in present]

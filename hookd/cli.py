@@ -187,7 +187,7 @@ def verify(
     _, backend = _backend(config_file, cache)
     report = _on_cache(backend, lambda b: run_verify(b, key, deep, repair, ProgressLine()))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else "\n".join(verify_report(report, deep)))
-    if report.broken and not repair:
+    if not report.whole and not repair:
         sys.exit(1)
 
 

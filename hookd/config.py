@@ -19,6 +19,7 @@ from .safety import Bounds, BoundsError
 DEFAULT_CONFIG_FILE = Path("/etc/hookd/config.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/hookd")
 COMPRESSIONS = ("zstd", "xz", "none")
+CONTENT_ENCODINGS = ("none", "gzip", "zstd")
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,16 @@ class Config:
     """HOST:PORT for the Prometheus endpoint (/metrics); off unless set, for example 127.0.0.1:9464."""
     upload_build_logs: bool = False
     """Upload the build log of each built .drv to log/<drv> so `nix log` finds it through the cache."""
+    listings: bool = True
+    """Write each uploaded path's NAR listing (<hash>.ls), before its narinfo, for clients and tools that
+    browse a cache without downloading NARs."""
+    realisations: bool = True
+    """Publish the realisations of content-addressed derivations built through the hook (signed), so that
+    clients find their outputs by derivation."""
+    content_encoding: str = "none"
+    """Store narinfos, listings and build logs compressed with this HTTP Content-Encoding (gzip or zstd),
+    as Nix's narinfo-/ls-/log-compression do; never NARs. Needs a cache that keeps the header (S3; not
+    file://, not nginx's WebDAV)."""
     allowed_group_members: bool = True
     """Also let members of socket_group use the socket (for the operator CLI)."""
     shutdown_timeout: float = 20.0
@@ -150,6 +161,16 @@ class Config:
         lo, hi = {"zstd": (1, 22), "xz": (0, 9), "none": (0, 0)}[self.compression]
         if self.compression_level is not None and not lo <= self.compression_level <= hi:
             raise ConfigError(f"compression_level {self.compression_level} is outside {lo}..{hi}")
+        if self.content_encoding not in CONTENT_ENCODINGS:
+            raise ConfigError(
+                f"content_encoding {self.content_encoding!r}: expected one of {', '.join(CONTENT_ENCODINGS)}"
+            )
+        if self.content_encoding != "none" and self.cache.startswith("file:"):
+            raise ConfigError(
+                f"content_encoding {self.content_encoding!r} needs a cache that stores the Content-Encoding header "
+                "(S3, or an HTTP server that keeps it); a file:// cache cannot, and Nix would read the encoded "
+                "bytes as they are"
+            )
         if self.max_parallel < 1:
             raise ConfigError("max_parallel must be at least 1")
         if not self.store_dir.startswith("/") or self.store_dir != self.store_dir.rstrip("/"):

@@ -27,6 +27,7 @@ from .lifecycle import DONE, FAILED, PENDING
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .planner import Planner
+from .publish import Realisations
 from .queue import EVENT_RETENTION, Queue
 from .scheduler import Scheduler
 from .signing import SecretKey
@@ -100,6 +101,10 @@ class Daemon:
         planner = Planner(self.cfg, queue, self.store, self.backend, self.metrics)
         scheduler = self.scheduler = Scheduler(self.cfg, queue, self.backend, self.key, self.metrics)
         planner.on_gone = scheduler.wake.set
+        realisations = Realisations(self.cfg, queue, self.store, self.backend, self.key, scheduler.freshness)
+        realisations.on_gone = scheduler.wake.set
+        if self.cfg.realisations:
+            planner.realisations = realisations
         intake = Intake(self.cfg, queue, self.metrics, self.plan_wake.set, self._command, self.stopping)
         try:
             if recovered := await queue.recover():
@@ -130,6 +135,7 @@ class Daemon:
                     planning.run(planner, self.stopping, self.plan_wake, intake.drain_spool, planned), name="planner"
                 ),
                 asyncio.create_task(scheduler.run(self.stopping), name="scheduler"),
+                asyncio.create_task(realisations.run(self.stopping), name="realisations"),
             ]
             helpers = [
                 asyncio.create_task(self._notifier(), name="notifier"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import nixbase32, storepath
+from . import encoding, nixbase32, storepath
 
 COMPRESSION_EXT = {"zstd": ".zst", "xz": ".xz", "bzip2": ".bz2", "br": ".br", "gzip": ".gz", "none": ""}
 CONTENT_TYPE = "text/x-nix-narinfo"
@@ -72,7 +72,8 @@ def fingerprint(store_path: str, nar_hash: bytes, nar_size: int, references: Ite
 
 
 def parse(text: str | bytes, store_dir: str | None = None) -> NarInfo:
-    """Parse a narinfo as found in the wild: any field order, SRI or hex hashes, CRLF, unknown fields."""
+    """Parse a narinfo as found in the wild: any field order, SRI or hex hashes, CRLF, unknown fields, and
+    bytes still in their Content-Encoding (a transport that does not decode, such as S3's GetObject)."""
     fields, sigs = _fields(text)
     path = _need(fields, "StorePath")
     try:
@@ -112,7 +113,9 @@ def _fields(text: str | bytes) -> tuple[dict[str, str], list[str]]:
     """The `Name: value` lines: each field once, but `Sig` any number of times."""
     if isinstance(text, bytes):
         try:
-            text = text.decode()
+            text = encoding.decode(text).decode()  # stored with a Content-Encoding (gzip, zstd)?
+        except encoding.EncodingError as e:
+            raise NarInfoError(f"narinfo {e}") from None
         except UnicodeDecodeError:
             raise NarInfoError("narinfo is not UTF-8 text") from None
     fields: dict[str, str] = {}

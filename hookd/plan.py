@@ -34,7 +34,7 @@ class GcPlan:
     candidates: list[int] = field(default_factory=list)  # catalog rows to sweep: unmarked or broken, old
     delete_narinfos: list[str] = field(default_factory=list)  # their keys, unmarked then broken
     delete_nars: list[str] = field(default_factory=list)
-    delete_other: list[str] = field(default_factory=list)  # listings and logs
+    delete_other: list[str] = field(default_factory=list)  # listings, logs and realisations
     broken: dict[str, str] = field(default_factory=dict)  # narinfo key -> why
     dropped_roots: int = 0
     stats: dict[str, Category] = field(default_factory=lambda: defaultdict(Category))
@@ -91,10 +91,13 @@ def plan(
     out.candidates = _narinfos(out, cat, marked, broken, young)
     gone = set(out.candidates)
     _nars(out, snap.nars, cat.unreferenced_nars(snap.nars, gone), young)
-    listings, logs = cat.leftovers([o for o in snap.others if o.mtime < young], gone)
-    out.delete_other = [o.key for o in chain(listings, logs)]
+    old_others = [o for o in snap.others if o.mtime < young]
+    listings, logs = cat.leftovers(old_others, gone)
+    realisations = cat.orphan_realisations(snap.realisations, old_others, gone)
+    out.delete_other = [o.key for o in chain(listings, logs, realisations)]
     out.tally_objects("listings deleted", listings)
     out.tally_objects("logs deleted", logs)
+    out.tally_objects("realisations deleted", realisations)
     return out
 
 

@@ -24,11 +24,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from . import narinfo
+from . import encoding, narinfo
 from .backends import Backend, BackendError, open_backend
 from .backends.retry import backoff
 from .config import Config
 from .metrics import Metrics
+from .publish import Realisations, drvs_of
 from .queue import Queue, Request
 from .signing import KeyFileError, PublicKey
 from .store import InvalidPathError, PathInfo, Store, StoreError
@@ -123,6 +124,7 @@ class Planner:
         self.identity: str | None = None
         self.new_cache = False  # set when the identity changed; the daemon rewrites nix-cache-info
         self.on_gone: Callable[[], None] | None = None  # paths were queued again: wake the scheduler
+        self.realisations: Realisations | None = None  # set by the daemon when it publishes realisations
         self._rechecks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -174,6 +176,8 @@ class Planner:
         return None
 
     async def _plan(self, reqs: Sequence[Request]) -> Plan:
+        if self.realisations is not None:  # before the shortcut below: a rebuilt CA output may be cached
+            await self.realisations.plan(drvs_of((r.drv for r in reqs), (p for r in reqs for p in r.outs)))
         reqs = await self._plan_recorded(reqs)
         if not reqs:
             return Plan({}, set(), set(), set())
@@ -237,7 +241,8 @@ class Planner:
             try:
                 text = await self.store.read_log(drv)
                 if text is not None and not await self.backend.exists(key):
-                    await self.backend.put(key, text, "text/plain; charset=utf-8")
+                    body, enc = encoding.encode(key, text, self.cfg.content_encoding)
+                    await self.backend.put(key, body, "text/plain; charset=utf-8", content_encoding=enc)
                     log.info("uploaded the build log of %s", drv)
             except (StoreError, BackendError) as e:
                 log.warning("could not upload the build log of %s: %s", drv, e)

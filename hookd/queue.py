@@ -107,6 +107,16 @@ CREATE TABLE IF NOT EXISTS refs (
     ref TEXT NOT NULL,
     PRIMARY KEY (path, ref)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS realisations (  -- realisations to publish once their output is in the cache
+    key TEXT PRIMARY KEY,            -- the cache key (realisations/….doi, build-trace-v2/….doi)
+    out_path TEXT NOT NULL,
+    body TEXT NOT NULL,              -- as the store reported it, before hookd's signature
+    state TEXT NOT NULL,             -- pending, published
+    next_try REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS realisations_state ON realisations(state, out_path);
 """
 
 P = ParamSpec("P")
@@ -358,6 +368,7 @@ class Queue:
         """A different cache (or the same one emptied): forget everything we knew it held."""
         async with self._transaction() as db:
             await db.execute("DELETE FROM uploaded")
+            await db.execute("UPDATE realisations SET state = 'pending', attempts = 0, next_try = 0")
             await db.execute(
                 "INSERT INTO meta (key, value) VALUES ('cache_id', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -398,6 +409,40 @@ class Queue:
             rows,
         )
         return max(0, cur.rowcount)
+
+    @_serialized
+    async def add_realisations(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Queue (key, out path, body) realisations; one already queued with the same body keeps its state."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT INTO realisations (key, out_path, body, state) VALUES (?, ?, ?, 'pending') "
+                "ON CONFLICT(key) DO UPDATE SET out_path = excluded.out_path, body = excluded.body, "
+                "state = CASE WHEN realisations.body = excluded.body THEN realisations.state ELSE 'pending' END",
+                list(rows),
+            )
+
+    @_serialized
+    async def ready_realisations(self, limit: int = 100) -> list[tuple[str, str, str, int]]:
+        """Pending realisations whose output the cache holds (by our records): (key, out path, body, attempts)."""
+        rows = await self.db.execute_fetchall(
+            "SELECT r.key, r.out_path, r.body, r.attempts FROM realisations r JOIN uploaded u ON u.path = r.out_path "
+            "WHERE r.state = 'pending' AND r.next_try <= ? ORDER BY r.key LIMIT ?",
+            (time.time(), limit),
+        )
+        return [(str(k), str(p), str(b), int(a)) for k, p, b, a in rows]
+
+    @_serialized
+    async def finish_realisations(self, published: Iterable[str], retry: Mapping[str, tuple[str, float]]) -> None:
+        """Record published realisations, and those to try again (key -> (error, when))."""
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE realisations SET state = 'published', last_error = NULL WHERE key = ?",
+                [(k,) for k in published],
+            )
+            await db.executemany(
+                "UPDATE realisations SET attempts = attempts + 1, last_error = ?, next_try = ? WHERE key = ?",
+                [(err, when, k) for k, (err, when) in retry.items()],
+            )
 
     @_serialized
     async def written_since(self, since: float) -> dict[str, float]:
@@ -667,8 +712,14 @@ class Queue:
             f"AND state IN {sql_list((PENDING, FAILED, BLOCKED))} ORDER BY updated DESC LIMIT 5"
         )
         errors = [dict(zip(("path", "state", "error", "time"), r, strict=True)) for r in await cur.fetchall()]
+        try:
+            cur = await self.db.execute("SELECT state, COUNT(*) FROM realisations GROUP BY state")
+            realisations = {str(state): int(n) for state, n in await cur.fetchall()}
+        except sqlite3.OperationalError:  # a database the daemon has not opened since realisations came
+            realisations = {}
         return {
             "counts": counts,
+            "realisations": realisations,
             "uploaded": rates,
             "uploaded_total": {"paths": total_n, "bytes": total_b},
             "oldest_pending": {"path": oldest[0], "age": now - oldest[1]} if oldest else None,

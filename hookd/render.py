@@ -139,11 +139,17 @@ def gc_report(out: Mapping[str, Any]) -> list[str]:
 
 def verify_report(report: Report, deep: bool) -> list[str]:
     lines = [f"broken: {k}: {why}" for k, why in sorted(report.broken.items())]
+    lines += [f"bad: {k}: {why}" for k, why in sorted(report.bad.items())]
     lines += [f"unknown object: {k}" for k in report.unknown[:20]]
-    state = "whole" if report.whole else f"{len(report.broken)} broken narinfos"
-    lines.append(f"{report.narinfos} narinfos checked{' (deep)' if deep else ''}: {state}")
+    faults = [f"{n} broken narinfos" for n in [len(report.broken)] if n]
+    faults += [f"{n} bad listings or realisations" for n in [len(report.bad)] if n]
+    state = "whole" if report.whole else ", ".join(faults)
+    lines.append(
+        f"{report.narinfos} narinfos, {report.listings} listings, {report.realisations} realisations checked"
+        f"{' (deep)' if deep else ''}: {state}"
+    )
     if report.repaired:
-        lines.append(f"repaired: deleted {len(report.repaired)} broken narinfos")
+        lines.append(f"repaired: deleted {len(report.repaired)} broken narinfos, listings or realisations")
     return lines
 
 
@@ -165,6 +171,9 @@ def status(st: Mapping[str, Any]) -> list[str]:
     rates = "  ".join(f"{k}: {v['paths']} paths, {format_size(v['bytes'])}" for k, v in st["uploaded"].items())
     total = st["uploaded_total"]
     lines += [f"{'uploaded':10} {rates}", f"{'':10} in all: {total['paths']} paths, {format_size(total['bytes'])}"]
+    if r := st.get("realisations"):
+        waiting = r.get("pending", 0)
+        lines.append(f"{'realisations':10} {r.get('published', 0)} published, {waiting} waiting for their output")
     if o := st["oldest_pending"]:
         lines.append(f"{'oldest':10} {o['path']} (waiting {format_duration(o['age'])})")
     if st["last_errors"]:

@@ -21,6 +21,7 @@ from .config import Config
 from .freshness import Freshness
 from .lifecycle import DONE, FAILED, PENDING
 from .metrics import Metrics
+from .publish import Extras
 from .queue import Outcome, Queue
 from .signing import SecretKey
 from .store import PathInfo
@@ -111,6 +112,7 @@ class Scheduler:
         self.key = key
         self.metrics = metrics
         self.freshness = freshness or Freshness(backend, cfg.bounds)
+        self.extras = Extras(backend, cfg.listings, cfg.content_encoding)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.outcomes: list[Outcome] = []
         self.bytes = ByteBudget(cfg.max_bytes_in_flight)
@@ -197,6 +199,7 @@ class Scheduler:
                 self.freshness,
                 self.cfg.worker_nice,
                 elsewhere,
+                self.extras,
             )
 
     async def _upload(self, info: PathInfo) -> None:

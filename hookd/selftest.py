@@ -86,8 +86,15 @@ def ensure_user(name: str = BUILD_USER) -> pwd.struct_passwd:
 class NixEnv:
     """A private Nix: store, state, config and nix-daemon under `root`."""
 
-    def __init__(self, root: Path, post_build_hook: str | None = None, hook_env: Mapping[str, str] = {}) -> None:
+    def __init__(
+        self,
+        root: Path,
+        post_build_hook: str | None = None,
+        hook_env: Mapping[str, str] = {},
+        extra_conf: Sequence[str] = (),
+    ) -> None:
         self.root = root
+        self.extra_conf = list(extra_conf)  # further nix.conf lines
         self.store_dir = str(root / "nix" / "store")
         self.state_dir = root / "nix" / "var" / "nix"
         self.conf_dir = root / "etc"
@@ -129,6 +136,7 @@ class NixEnv:
         ]
         if self.post_build_hook:
             conf.append(f"post-build-hook = {self.post_build_hook}")
+        conf += self.extra_conf
         (self.conf_dir / "nix.conf").write_text("\n".join(conf) + "\n")
         for d in (Path(self.store_dir), self.state_dir, Path(self.env["NIX_LOG_DIR"])):
             d.mkdir(parents=True, exist_ok=True)

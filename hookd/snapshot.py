@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
+from . import realisation
 from .backends import Backend, ObjectStat
 from .catalog import (
     PIN_PREFIX,
@@ -23,6 +24,7 @@ from .catalog import (
     GcError,
     Progress,
     Record,
+    is_realisation,
     known_kind,
     no_progress,
     parse_record,
@@ -46,6 +48,7 @@ class Snapshot:
     unknown: list[str] = field(default_factory=list)
     narinfo_reads: int = 0
     started: float = 0.0  # time.monotonic() when the listing began: the sweep's window counts from it
+    realisations: dict[str, str] = field(default_factory=dict)  # key -> its output's base name ("": unreadable)
 
     def __repr__(self) -> str:
         return f"Snapshot({len(self.narinfos)} narinfos, {len(self.nars)} NARs, {len(self.others)} others)"
@@ -145,7 +148,29 @@ async def snapshot(backend: Backend, index: NarinfoIndex, progress: Progress = n
 
     pins = await read_pins(backend, [o.key for o in others if o.key.startswith(PIN_PREFIX)])
     unknown = [o.key for o in others if not known_kind(o.key)]
-    return Snapshot(catalog, nars, others, pins, unknown, reads, started)
+    realisations = await read_realisations(backend, [o.key for o in others if is_realisation(o.key)])
+    return Snapshot(catalog, nars, others, pins, unknown, reads, started, realisations=realisations)
+
+
+async def read_realisations(backend: Backend, keys: list[str]) -> dict[str, str]:
+    """The output each realisation names (few: content-addressed derivations only; read on every run).
+    One that cannot be read names none, and stays; one deleted since the listing is left out."""
+    gate = asyncio.Semaphore(READ_CONCURRENCY)
+    outputs: dict[str, str] = {}
+
+    async def read(key: str) -> None:
+        async with gate:
+            data = await backend.get(key)
+        if data is None:
+            return
+        try:
+            outputs[key] = realisation.parse_cached(key, data).out_path
+        except realisation.RealisationError as e:
+            log.warning("GC: the realisation %s cannot be read (%s): kept", key, e)
+            outputs[key] = ""
+
+    await asyncio.gather(*(read(k) for k in keys))
+    return outputs
 
 
 async def _refresh(backend: Backend, old: Catalog, objs: list[ObjectStat], progress: Progress) -> tuple[Catalog, int]:

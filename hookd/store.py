@@ -19,9 +19,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import nixbase32, storepath
+from . import derivation, nixbase32, storepath
+from .realisation import Realisation, RealisationError, parse_store
 
 NIX_FLAGS = ("--extra-experimental-features", "nix-command")
+CA_FLAGS = ("--extra-experimental-features", "nix-command ca-derivations")
+# What Nix says when asked about outputs that are known only once built (2.8, 2.26; 2.34's wording;
+# realisations of outputs not built yet)
+FLOATING = ("floating content-address",)
+UNBUILT = ("unbuilt",)
 TIMEOUT = 300.0
 
 
@@ -164,6 +170,18 @@ def parse_path_info(data: Any, store_dir: str) -> dict[str, PathInfo]:
     return out
 
 
+def nix_version(version: str) -> tuple[int, int]:
+    """(major, minor) from `nix --version` (Nix, Determinate Nix or Lix); (0, 0) if unrecognised."""
+    m = re.search(r"\((?:Determinate )?Nix\b[^)]*\) (\d+)\.(\d+)", version) or re.search(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+def outputs_installable(drv: str, version: tuple[int, int], output: str = "*") -> str:
+    """A .drv's outputs as an installable: `drv^*` (Nix 2.13+), the bare path before (2.8 reads it as
+    its outputs; 2.26 as the .drv file itself)."""
+    return f"{drv}^{output}" if version >= (2, 13) else drv
+
+
 def json_format_args(version: str) -> tuple[str, ...]:
     """The flags that ask `nix path-info` for JSON, from `nix --version`: `--json-format 2` where Nix takes
     it (2.33+; 2.34 warns that a bare `--json` will become an error), a bare `--json` on older Nix and on
@@ -181,6 +199,7 @@ class Store:
         self.store_dir = store_dir
         self.store_uri = store_uri
         self._json_args: tuple[str, ...] | None = None  # decided once, from `nix --version`
+        self._version: str | None = None
 
     def check(self, path: str) -> str:
         return storepath.check(path, self.store_dir)
@@ -206,7 +225,8 @@ class Store:
             await proc.wait()
             raise StoreError(f"{argv[0]} did not answer within {TIMEOUT:g} s") from None
         if proc.returncode != 0:
-            message = stderr.decode(errors="replace").strip().splitlines()
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            message = [line for line in lines if not line.startswith("Try '")] or lines  # not the usage hint
             detail = message[-1] if message else f"exit status {proc.returncode}"
             for word in detail.replace("'", " ").split():
                 if word.startswith(self.store_dir + "/") and "is not valid" in detail:
@@ -214,10 +234,16 @@ class Store:
             raise StoreError(f"{' '.join(argv[:3])} …: {detail}")
         return stdout
 
+    async def version(self) -> str:
+        """`nix --version`, asked once per Store."""
+        if self._version is None:
+            self._version = (await self._run(["nix", "--version"], with_store=False)).decode()
+        return self._version
+
     async def json_args(self) -> tuple[str, ...]:
-        """How to ask this Nix for path-info JSON (see `json_format_args`); one `nix --version` per Store."""
+        """How to ask this Nix for path-info JSON (see `json_format_args`)."""
         if self._json_args is None:
-            self._json_args = json_format_args((await self._run(["nix", "--version"], with_store=False)).decode())
+            self._json_args = json_format_args(await self.version())
         return self._json_args
 
     async def path_info(self, paths: Iterable[str], recursive: bool = False) -> dict[str, PathInfo]:
@@ -272,8 +298,68 @@ class Store:
         drvs = list(drvs)
         if not drvs:
             return []
-        out = await self._run(["nix-store", "--query", "--outputs", *drvs])
+        try:
+            out = await self._run(["nix-store", "--query", "--outputs", *drvs])
+        except StoreError as e:
+            if not any(w in str(e) for w in FLOATING):
+                raise
+            # a floating content-addressed .drv has no output path until built: the built ones are in its
+            # realisations (Nix 2.8 passes the hook no OUT_PATHS, so this is how its outputs are found)
+            found: list[str] = []
+            for drv in drvs:
+                try:
+                    found += (await self._run(["nix-store", "--query", "--outputs", drv])).decode().split()
+                except StoreError as e2:
+                    if not any(w in str(e2) for w in FLOATING):
+                        raise
+                    found += [f"{self.store_dir}/{r.out_path}" for r in await self.realisations([drv])]
+            return found
         return [line for line in out.decode().split() if line]
+
+    async def realisations(self, drvs: Iterable[str]) -> list[Realisation]:
+        """The realisations of every built output of these .drv files (`nix realisation info --json`), one
+        call for all. Nix answers for all of a .drv's outputs or fails when one is not built (an output
+        nobody asked for): then each .drv is asked alone, then (2.13+) each output, and what is not built
+        is left out."""
+        drvs = list(drvs)
+        if not drvs:
+            return []
+        version = nix_version(await self.version())
+
+        async def ask(installables: list[str]) -> list[Realisation]:
+            out = await self._run(["nix", *CA_FLAGS, "realisation", "info", "--json", *installables])
+            try:
+                return parse_store(json.loads(out), self.store_dir)
+            except (ValueError, RealisationError) as e:
+                raise StoreError(f"`nix realisation info --json` printed something unexpected: {e}") from None
+
+        try:
+            return await ask([outputs_installable(d, version) for d in drvs])
+        except StoreError as e:
+            if not any(w in str(e) for w in UNBUILT):
+                raise
+        found: list[Realisation] = []
+        for drv in drvs:
+            try:
+                found += await ask([outputs_installable(drv, version)])
+                continue
+            except StoreError as e:
+                if not any(w in str(e) for w in UNBUILT):
+                    raise
+            if version < (2, 13):
+                continue  # no way to name one output: the .drv's resolution carries them
+            try:
+                with open(drv, "rb") as f:
+                    names = [o.name for o in derivation.parse(f.read()).outputs]
+            except (OSError, derivation.DerivationError):
+                continue
+            for name in names:
+                try:
+                    found += await ask([outputs_installable(drv, version, name)])
+                except StoreError as e:
+                    if not any(w in str(e) for w in UNBUILT):
+                        raise
+        return found
 
     async def resolve(self, paths: Iterable[str]) -> list[str]:
         """`paths` with every .drv replaced by those of its outputs that are in the store, in order; a .drv

@@ -12,7 +12,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .backends import Backend, ObjectStat
@@ -94,11 +94,13 @@ class SweepState:
         assert self.done, "NARs are decided after every narinfo"
         return self.cat.unreferenced_nars(listed, self.deleted_rows())
 
-    def others(self, listed: Sequence[ObjectStat]) -> list[ObjectStat]:
-        """Listings of narinfos no longer in the cache, and build logs only deleted narinfos named."""
+    def others(self, listed: Sequence[ObjectStat], realisations: Mapping[str, str] | None = None) -> list[ObjectStat]:
+        """Listings of narinfos no longer in the cache, build logs only deleted narinfos named, and the
+        realisations (key -> output) of outputs no longer in the cache."""
         assert self.done
-        listings, logs = self.cat.leftovers(listed, self.deleted_rows())
-        return listings + logs
+        gone = self.deleted_rows()
+        listings, logs = self.cat.leftovers(listed, gone)
+        return listings + logs + self.cat.orphan_realisations(realisations or {}, listed, gone)
 
 
 @dataclass
@@ -191,7 +193,8 @@ async def sweep(
         progress("deleting narinfos", total - len(state.undecided), total)
 
     young = time.time() - bounds.grace
-    for phase, objs in (("NARs", state.nars(snap.nars)), ("listings and logs", state.others(snap.others))):
+    others = state.others(snap.others, snap.realisations)
+    for phase, objs in (("NARs", state.nars(snap.nars)), ("listings, logs and realisations", others)):
         old = [o for o in objs if o.mtime < young]
         await asyncio.gather(*(sweeper.remove(o.key, o.mtime) for o in old))
         progress(f"deleting {phase}", len(old), len(old))

@@ -18,6 +18,7 @@ from . import narinfo, narstream, storepath
 from .backends import Backend, BackendError
 from .freshness import Freshness
 from .narstream import NarMismatchError, NarStream
+from .publish import Extras
 from .signing import SecretKey
 from .store import PathInfo
 
@@ -102,6 +103,7 @@ async def upload_path(
     freshness: Freshness,
     nice: int = 0,
     elsewhere: Iterable[str] = (),
+    extras: Extras | None = None,
 ) -> Uploaded:
     """Upload one path whose references are in the cache, under the upload/GC protocol (safety.py).
 
@@ -109,7 +111,9 @@ async def upload_path(
     verify recently (the references' narinfos, a NAR that was already there) is touched and, after
     the settle time, checked; the narinfo goes last. Raises on failure (nothing published) and
     ReferenceGone when a reference has to be uploaded again first. References in `elsewhere` (left to
-    an upstream cache) are not this cache's to touch.
+    an upstream cache) are not this cache's to touch. `extras` writes the path's listing (before the
+    protocol's waits, which bound the time from the last check to the narinfo's PUT) and encodes the
+    narinfo.
     """
     ni_key = narinfo.narinfo_key(info.path)
     started = time.monotonic()
@@ -121,6 +125,7 @@ async def upload_path(
     # verified it recently), like a reference
     ni = make_narinfo(info, url, compression, nar.encoded, nar.file_size)
     ni.sigs = [key.sign(ni.fingerprint())]
+    body, enc = await extras.before_narinfo(info, ni) if extras else (ni.render().encode(), None)
     skip = set(elsewhere)
     refs = {narinfo.narinfo_key(r): r for r in info.references if r != info.path and r not in skip}
     relied = {url: NAR_CONTENT_TYPE, **dict.fromkeys(refs, narinfo.CONTENT_TYPE)}
@@ -139,6 +144,6 @@ async def upload_path(
         )
     published, written = time.monotonic(), time.time()
     async with asyncio.timeout(freshness.bounds.request_timeout):
-        await backend.put(ni_key, ni.render().encode(), narinfo.CONTENT_TYPE)
+        await backend.put(ni_key, body, narinfo.CONTENT_TYPE, content_encoding=enc)
     freshness.wrote(ni_key, published)
     return Uploaded(info.path, info.nar_size, nar.file_size, written)

@@ -1,12 +1,16 @@
 """`hookd verify`: is the cache whole? Every narinfo parses and carries a valid signature, its NAR
 exists with the right size (with `deep`, decompresses to the right hash), and its references exist.
-`repair` deletes what is broken, referrers first, so no narinfo is left pointing at a deleted one.
+Every listing parses and describes a NAR of the narinfo's NarSize (with `deep`, it is the listing of the
+NAR itself); every realisation parses, carries a valid signature and names an output whose narinfo is there.
+`repair` deletes what is broken, referrers first, so no narinfo is left pointing at a deleted one; a bad
+listing or realisation goes alone (nothing refers to it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bz2
+import contextlib
 import hashlib
 import lzma
 from collections import defaultdict
@@ -16,9 +20,9 @@ from typing import Any
 
 import pyzstd
 
-from . import narinfo
+from . import listing, narinfo, realisation
 from .backends import Backend, ObjectStat
-from .catalog import Catalog, Progress, Record, is_narinfo, known_kind, no_progress, record_of
+from .catalog import Catalog, Progress, Record, is_narinfo, is_realisation, known_kind, no_progress, record_of
 from .signing import PublicKey
 from .sweep import Decision, SweepState
 
@@ -32,14 +36,18 @@ class Report:
     broken: dict[str, str] = field(default_factory=dict)  # key -> why (problems and their referrers)
     unknown: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    listings: int = 0
+    realisations: int = 0
+    bad: dict[str, str] = field(default_factory=dict)  # listing or realisation key -> what is wrong
 
     @property
     def whole(self) -> bool:
-        return not self.broken
+        return not self.broken and not self.bad
 
     def to_json(self) -> dict[str, Any]:
         return {"narinfos": self.narinfos, "broken": self.broken, "unknown": self.unknown,
-                "repaired": self.repaired, "whole": self.whole}  # fmt: skip
+                "repaired": self.repaired, "whole": self.whole, "listings": self.listings,
+                "realisations": self.realisations, "bad": self.bad}  # fmt: skip
 
 
 class Inflater:
@@ -92,15 +100,20 @@ async def verify(
     checker = _Checker(backend, objects, public_key, deep)
     await checker.check_all(keys, progress)
     await checker.check_references({k[:32] for k in keys})
+    await checker.check_realisations(sorted(k for k in objects if is_realisation(k)), {k[:32] for k in keys})
     cat = Catalog.build((objects[k] for k in keys), checker.records)
     # broken: every narinfo with a problem, and every narinfo that refers to a broken one
     found = {row: "; ".join(checker.problems[key]) for row, key in enumerate(cat.keys) if key in checker.problems}
     broken = cat.spread_broken(found, lambda row: f"refers to the broken {cat.keys[row]}")
-    report = Report(narinfos=len(keys), problems=checker.problems)
+    report = Report(narinfos=len(keys), problems=checker.problems, bad=checker.bad)
+    report.listings, report.realisations = checker.listings, checker.realisations
     report.broken = {cat.keys[row]: why for row, why in broken.items()}
     report.unknown = [k for k in objects if not known_kind(k)]
     if repair:
         report.repaired = await _repair(backend, cat, broken)
+        for key in sorted(report.bad):
+            await backend.delete(key)
+            report.repaired.append(key)
     return report
 
 
@@ -121,6 +134,8 @@ class _Checker:
         self.parsed: dict[str, narinfo.NarInfo] = {}
         self.records: dict[str, Record] = {}  # what the catalog is built from: parsed or not, not deleted
         self.problems: dict[str, list[str]] = defaultdict(list)
+        self.bad: dict[str, str] = {}  # listings and realisations
+        self.listings = self.realisations = 0
 
     def _forget(self, key: str) -> None:
         self.parsed.pop(key, None)
@@ -160,16 +175,56 @@ class _Checker:
             self.problems[key].append(f"holds {ni.store_path}, which belongs under another key")
         if self.public_key is not None and not any(self.public_key.verify(ni.fingerprint(), s) for s in ni.sigs):
             self.problems[key].append(f"no valid signature by {self.public_key.name}")
-        if problems := await self._nar_problems(key, ni):
+        builder = listing.ListingBuilder() if self.deep and listing.key(ni.hash_part) in self.objects else None
+        if problems := await self._nar_problems(key, ni, builder):
             self.problems[key].extend(problems)
+            builder = None
+        await self._check_listing(ni, builder)
 
-    async def _nar_problems(self, key: str, ni: narinfo.NarInfo) -> list[str]:
+    async def _nar_problems(self, key: str, ni: narinfo.NarInfo, builder: listing.ListingBuilder | None) -> list[str]:
         nar = self.objects.get(ni.url) or await _still(self.backend, ni.url, key)
         if nar is None:
             return [f"its NAR {ni.url} is missing"]
         if ni.file_size is not None and nar.size != ni.file_size:
             return [f"its NAR {ni.url} has {nar.size} bytes, FileSize says {ni.file_size}"]
-        return await _deep(self.backend, ni) if self.deep else []
+        return await _deep(self.backend, ni, builder) if self.deep else []
+
+    async def _check_listing(self, ni: narinfo.NarInfo, builder: listing.ListingBuilder | None) -> None:
+        """The path's listing, if the cache has one: it parses, its NarSize is the narinfo's, and (deep,
+        `builder` fed with the NAR) it is the NAR's own."""
+        key = listing.key(ni.hash_part)
+        if key not in self.objects or (data := await self.backend.get(key)) is None:
+            return
+        self.listings += 1
+        try:
+            doc = listing.parse(data)
+            if (size := listing.nar_size(doc)) != ni.nar_size:
+                self.bad[key] = f"describes a NAR of {size} bytes, NarSize says {ni.nar_size}"
+            elif builder is not None and builder.finish() != doc:
+                self.bad[key] = "does not match its NAR"
+        except listing.ListingError as e:
+            self.bad[key] = f"cannot be used: {e}"
+
+    async def check_realisations(self, keys: list[str], listed: set[str]) -> None:
+        """Each realisation parses, is signed (when a key is given) and names an output that is there."""
+        for key in keys:
+            data = await self.backend.get(key)
+            if data is None:
+                continue  # deleted since the listing
+            self.realisations += 1
+            try:
+                r = realisation.parse_cached(key, data)
+            except realisation.RealisationError as e:
+                self.bad[key] = f"cannot be parsed: {e}"
+                continue
+            if self.public_key is not None and not r.verify(self.public_key):
+                self.bad[key] = f"no valid signature by {self.public_key.name}"
+            elif (
+                r.out_path[:32] not in listed
+                and await self.backend.stat(f"{r.out_path[:32]}.narinfo") is None
+                and await self.backend.stat(key) is not None  # not deleted meanwhile (by a GC, with its output)
+            ):
+                self.bad[key] = f"its output {r.out_path} is not in the cache"
 
     async def check_references(self, listed: set[str]) -> None:
         """References missing from the listing, looked for again: the cache is live."""
@@ -204,13 +259,17 @@ async def _still(backend: Backend, key: str, referrer: str) -> ObjectStat | None
     return obj
 
 
-async def _deep(backend: Backend, ni: narinfo.NarInfo) -> list[str]:
-    problems = await backend.read(ni.url, lambda chunks: _check_nar(chunks, ni))
+async def _deep(backend: Backend, ni: narinfo.NarInfo, builder: listing.ListingBuilder | None = None) -> list[str]:
+    problems = await backend.read(ni.url, lambda chunks: _check_nar(chunks, ni, builder))
     return [f"its NAR {ni.url} disappeared"] if problems is None else problems
 
 
-async def _check_nar(chunks: AsyncIterator[bytes], ni: narinfo.NarInfo) -> list[str]:
-    """FileHash over the NAR as stored; NarSize and NarHash over it decompressed; chunk by chunk."""
+async def _check_nar(
+    chunks: AsyncIterator[bytes], ni: narinfo.NarInfo, builder: listing.ListingBuilder | None = None
+) -> list[str]:
+    """FileHash over the NAR as stored; NarSize and NarHash over it decompressed; chunk by chunk. The
+    decompressed bytes also go to `builder`, if given (a listing of the NAR; a NAR it cannot read makes
+    its `finish()` raise)."""
     try:
         inflater = Inflater(ni.compression)
     except ValueError as e:
@@ -227,6 +286,8 @@ async def _check_nar(chunks: AsyncIterator[bytes], ni: narinfo.NarInfo) -> list[
                 for piece in inflater.feed(chunk):
                     nar_hash.update(piece)
                     nar_size += len(piece)
+                    if builder is not None:
+                        _feed(builder, piece)
             except Exception as e:  # a corrupt stream: keep reading for FileHash's sake
                 bad = f"its NAR {ni.url} does not decompress as {ni.compression}: {type(e).__name__}"
 
@@ -243,3 +304,9 @@ async def _check_nar(chunks: AsyncIterator[bytes], ni: narinfo.NarInfo) -> list[
     if nar_hash.digest() != ni.nar_hash:
         return ["its NAR's contents do not match NarHash"]
     return []
+
+
+def _feed(builder: listing.ListingBuilder, piece: bytes) -> None:
+    """Feed a listing builder; a NAR it cannot read shows later, as `finish()` raising."""
+    with contextlib.suppress(listing.ListingError):
+        builder.feed(piece)

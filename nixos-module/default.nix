@@ -19,6 +19,9 @@ let
     {
       cache = cfg.cache;
       compression = cfg.compression;
+      content_encoding = cfg.contentEncoding;
+      listings = cfg.listings;
+      realisations = cfg.realisations;
       upstream_caches = map (u: u.url) cfg.upstreamCaches;
       upstream_keys = map (u: u.key) cfg.upstreamCaches;
     }
@@ -109,6 +112,31 @@ in
       type = types.enum [ "zstd" "xz" "none" ];
       default = "zstd";
       description = "NAR compression. zstd needs Nix >= 2.4 (or 2.3.17) on the machines that substitute.";
+    };
+
+    contentEncoding = mkOption {
+      type = types.enum [ "none" "gzip" "zstd" ];
+      default = "none";
+      description = ''
+        Store narinfos, listings and build logs compressed with this HTTP Content-Encoding (NARs never),
+        like Nix's narinfo-, ls- and log-compression. Needs a cache that keeps the header: S3, or an HTTP
+        server that stores it (not nginx's WebDAV); refused for file:// caches. Every Nix decodes it.
+      '';
+    };
+
+    listings = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Write each uploaded path's NAR listing (`<hash>.ls`), as `write-nar-listing=true` does.";
+    };
+
+    realisations = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Publish the signed realisations of content-addressed derivations built through the hook, so that
+        clients with `ca-derivations` substitute them by derivation instead of rebuilding.
+      '';
     };
 
     upstreamCaches = mkOption {

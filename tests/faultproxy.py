@@ -134,7 +134,8 @@ def main() -> None:
     args = ap.parse_args()
     log = open(args.log, "a")  # noqa: SIM115 - open for the life of the process
     proxy = Proxy(args.upstream, args.fault_rate, args.delay_ms / 1000, args.s3, log, args.seed)
-    app = web.Application(client_max_size=1 << 40)
+    # bodies pass through as they are: a Content-Encoding (hookd's narinfos) is the endpoints' business
+    app = web.Application(client_max_size=1 << 40, handler_args={"auto_decompress": False})
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
 

@@ -142,7 +142,7 @@ class SimBucket(Backend):
     async def get(self, key: str) -> bytes | None:
         return await self._request(f"GET {key}", lambda: self.objects.get(key, (None, 0.0))[0])
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
+    async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
         await self._request(f"PUT {key}", lambda: self._put(key, data))
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]:  # type: ignore[override]

@@ -143,6 +143,30 @@ def test_listings_and_logs_of_deleted_paths_go() -> None:
     assert p.delete_other == [f"{h(1)}.ls", "log/x-p1.drv"]
 
 
+def test_realisations_of_deleted_outputs_go() -> None:
+    c = Cache()
+    c.add(1)  # old, unrooted: deleted
+    c.add(2, age=60)  # young: kept
+    outputs = {
+        "realisations/sha256:01!out.doi": f"{h(1)}-p1",  # old, its output goes: deleted
+        "build-trace-v2/x-p1.drv/out.doi": f"{h(1)}-p1",  # the same in 2.35's layout
+        "realisations/sha256:02!out.doi": f"{h(2)}-p2",  # its output stays
+        "realisations/sha256:03!out.doi": f"{h(3)}-p3",  # its output was never there: a leftover
+        "realisations/sha256:04!out.doi": "",  # unreadable: kept
+    }
+    for key in outputs:
+        c.objects[key] = ObjectStat(key, 10, NOW - 2 * DAY)
+    young = "realisations/sha256:05!out.doi"  # names a deleted output, but young (being published?): kept
+    c.objects[young] = ObjectStat(young, 10, NOW - 60)
+    snap = c.snap()
+    snap.realisations = {**outputs, young: f"{h(1)}-p1"}
+    p = run(snap)
+    assert sorted(p.delete_other) == sorted(
+        ["realisations/sha256:01!out.doi", "build-trace-v2/x-p1.drv/out.doi", "realisations/sha256:03!out.doi"]
+    )
+    assert p.stats["realisations deleted"].count == 3
+
+
 def test_grace_longer_than_retention_is_refused() -> None:
     with pytest.raises(GcError, match="grace"):
         run(Cache().snap(), grace=2 * DAY)

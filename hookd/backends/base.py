@@ -59,8 +59,11 @@ class Backend(abc.ABC):
         return await consume(whole())
 
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Write a small object atomically, replacing any previous one."""
+    async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
+        """Write a small object atomically, replacing any previous one.
+
+        `content_encoding` (gzip, zstd: `data` is already encoded) is stored with the object and sent as
+        the `Content-Encoding` header when it is read; a backend that cannot keep it refuses it."""
 
     async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
         """Write a small object unless the key exists; True only if this call created it.

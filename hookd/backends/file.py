@@ -115,7 +115,11 @@ class FileBackend(Backend):
         except OSError as e:
             raise _wrap(key, e) from None
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
+    async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
+        if content_encoding is not None:
+            # A directory keeps no headers: Nix's file:// store and a web server in front would hand the
+            # encoded bytes to clients as they are, which cannot read them.
+            raise PermanentBackendError(f"file cache: {key}: a directory cannot store a Content-Encoding")
         await asyncio.to_thread(self._write, key, data, True)
 
     async def touch(self, key: str, content_type: str) -> bool:

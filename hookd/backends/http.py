@@ -160,8 +160,11 @@ class HttpBackend(Backend):
         status, body, _ = await self._request("GET", key)
         return body if status == 200 else None
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        status, _, _ = await self._request("PUT", key, data, {"Content-Type": content_type})
+    async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
+        headers = {"Content-Type": content_type}
+        if content_encoding is not None:
+            headers["Content-Encoding"] = content_encoding
+        status, _, _ = await self._request("PUT", key, data, headers)
         if status == 404:
             raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
 

@@ -171,8 +171,11 @@ class S3Backend(Backend):
             extra["StorageClass"] = self.storage_class
         return extra
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        await self._call("put_object", key, Key=self._key(key), Body=data, **self._extra(content_type))
+    async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
+        extra = self._extra(content_type)
+        if content_encoding is not None:
+            extra["ContentEncoding"] = content_encoding
+        await self._call("put_object", key, Key=self._key(key), Body=data, **extra)
 
     async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
         """One conditional PUT (If-None-Match: *) where the server enforces it (probed once per
@@ -260,11 +263,26 @@ class S3Backend(Backend):
 
     async def touch(self, key: str, content_type: str) -> bool:
         """Copy the object onto itself with replaced metadata: a new last-modified, no bytes sent.
-        A missing source answers NoSuchKey (not found): one request, no HEAD first."""
-        result = await self._call(
-            "copy_object", key, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": self._key(key)},
-            MetadataDirective="REPLACE", **self._extra(content_type),
-        )  # fmt: skip
+        A missing source answers NoSuchKey (not found): one request for a NAR. Replacing the metadata
+        drops a Content-Encoding, so an object that may carry one (narinfo, listing, log: another
+        uploader may encode them) is looked at first and its encoding kept; the copy is made only if the
+        object is still the one looked at (an object rewritten meanwhile is young anyway)."""
+        extra: dict[str, Any] = dict(self._extra(content_type))
+        if not key.startswith("nar/"):
+            head = await self._call("head_object", key, Key=self._key(key))
+            if head is None:
+                return False
+            if head.get("ContentEncoding"):
+                extra["ContentEncoding"] = head["ContentEncoding"]
+            if head.get("ETag"):
+                extra["CopySourceIfMatch"] = head["ETag"]
+        try:
+            result = await self._call(
+                "copy_object", key, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": self._key(key)},
+                MetadataDirective="REPLACE", **extra,
+            )  # fmt: skip
+        except PreconditionFailed:
+            return True
         return result is not None
 
     async def delete(self, key: str) -> None:
