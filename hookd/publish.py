@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import derivation, encoding, listing, narinfo
@@ -57,21 +58,19 @@ class Extras:
         return encoding.encode(narinfo.narinfo_key(ni.store_path), ni.render().encode(), self.content_encoding)
 
 
+@dataclass
 class Realisations:
     """Realisations from the store to the cache: queued when a request is planned, published when ready."""
 
-    def __init__(
-        self, cfg: Config, queue: Queue, store: Store, backend: Backend, key: SecretKey, freshness: Freshness
-    ) -> None:
-        self.cfg = cfg
-        self.queue = queue
-        self.store = store
-        self.backend = backend
-        self.key = key
-        self.freshness = freshness
-        self.wake = asyncio.Event()
-        self.on_gone: Any = None  # called when an output was found gone (queued again): wakes the scheduler
-        self.published = 0
+    cfg: Config
+    queue: Queue
+    store: Store
+    backend: Backend
+    key: SecretKey
+    freshness: Freshness
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    on_gone: Any = None  # called when an output was found gone (queued again): wakes the scheduler
+    published: int = 0
 
     async def plan(self, drvs: Iterable[str]) -> int:
         """Queue the realisations of those .drv files whose outputs are known only once built; how many.

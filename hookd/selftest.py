@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .store import InvalidPathError, json_format_args, parse_path_info
 
@@ -83,7 +84,32 @@ def ensure_user(name: str = BUILD_USER) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
 
 
-class NixEnv:
+class NixQueries:
+    """Path-info queries on a private Nix (its `nix()` runner and store directory), shared by the
+    selftest's and the benchmark's Nix sides."""
+
+    store_dir: str
+    _json_flags: tuple[str, ...] | None = None
+
+    def nix(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        raise NotImplementedError
+
+    def json_flags(self) -> tuple[str, ...]:
+        """How to ask this Nix for path-info JSON (`--json-format 2` where it takes it)."""
+        if self._json_flags is None:
+            self._json_flags = json_format_args(self.nix("nix", "--version").stdout)
+        return self._json_flags
+
+    def path_info(self, paths: Iterable[str], recursive: bool = False) -> list[dict[str, Any]]:
+        argv = ["nix", "path-info", *self.json_flags(), *(["-r"] if recursive else []), *paths]
+        infos = parse_path_info(json.loads(self.nix(*argv).stdout), self.store_dir)
+        return [i.to_json() for i in infos.values()]
+
+    def closure(self, paths: Iterable[str]) -> list[str]:
+        return sorted(str(i["path"]) for i in self.path_info(paths, recursive=True))
+
+
+class NixEnv(NixQueries):
     """A private Nix: store, state, config and nix-daemon under `root`."""
 
     def __init__(
@@ -104,7 +130,6 @@ class NixEnv:
         self.hook_env = dict(hook_env)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_file = root / "nix-daemon.log"
-        self._json_flags: tuple[str, ...] | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -176,20 +201,6 @@ class NixEnv:
         for k, v in args.items():
             argv += ["--argstr", k, v]
         return self.nix(*argv, user=user).stdout.split()
-
-    def json_flags(self) -> tuple[str, ...]:
-        """How to ask this Nix for path-info JSON (`--json-format 2` where it takes it)."""
-        if self._json_flags is None:
-            self._json_flags = json_format_args(self.nix("nix", "--version").stdout)
-        return self._json_flags
-
-    def path_info(self, paths: Iterable[str], recursive: bool = False) -> list[dict[str, object]]:
-        argv = ["nix", "path-info", *self.json_flags(), *(["-r"] if recursive else []), *paths]
-        infos = parse_path_info(json.loads(self.nix(*argv).stdout), self.store_dir)
-        return [i.to_json() for i in infos.values()]
-
-    def closure(self, paths: Iterable[str]) -> list[str]:
-        return sorted(str(i["path"]) for i in self.path_info(paths, recursive=True))
 
     def substitute_fresh(self, paths: Sequence[str], cache_url: str, public_key: str, fresh_root: Path) -> None:
         """Realise `paths` in a new store at `fresh_root` from `cache_url` alone: signatures required,

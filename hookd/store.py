@@ -15,12 +15,14 @@ import base64
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from . import derivation, nixbase32, storepath
 from .realisation import Realisation, RealisationError, parse_store
+
+T = TypeVar("T")
 
 NIX_FLAGS = ("--extra-experimental-features", "nix-command")
 CA_FLAGS = ("--extra-experimental-features", "nix-command ca-derivations")
@@ -298,23 +300,16 @@ class Store:
         drvs = list(drvs)
         if not drvs:
             return []
-        try:
-            out = await self._run(["nix-store", "--query", "--outputs", *drvs])
-        except StoreError as e:
-            if not any(w in str(e) for w in FLOATING):
-                raise
-            # a floating content-addressed .drv has no output path until built: the built ones are in its
-            # realisations (Nix 2.8 passes the hook no OUT_PATHS, so this is how its outputs are found)
-            found: list[str] = []
-            for drv in drvs:
-                try:
-                    found += (await self._run(["nix-store", "--query", "--outputs", drv])).decode().split()
-                except StoreError as e2:
-                    if not any(w in str(e2) for w in FLOATING):
-                        raise
-                    found += [f"{self.store_dir}/{r.out_path}" for r in await self.realisations([drv])]
-            return found
-        return [line for line in out.decode().split() if line]
+
+        async def query(some: list[str]) -> list[str]:
+            return (await self._run(["nix-store", "--query", "--outputs", *some])).decode().split()
+
+        async def realised(drv: str) -> list[str]:
+            # a floating content-addressed .drv has no output path until built: the built ones are in
+            # its realisations (Nix 2.8 passes the hook no OUT_PATHS, so this is how its outputs are found)
+            return [f"{self.store_dir}/{r.out_path}" for r in await self.realisations([drv])]
+
+        return await _at_once_or_each(drvs, query, FLOATING, realised)
 
     async def realisations(self, drvs: Iterable[str]) -> list[Realisation]:
         """The realisations of every built output of these .drv files (`nix realisation info --json`), one
@@ -333,33 +328,24 @@ class Store:
             except (ValueError, RealisationError) as e:
                 raise StoreError(f"`nix realisation info --json` printed something unexpected: {e}") from None
 
-        try:
-            return await ask([outputs_installable(d, version) for d in drvs])
-        except StoreError as e:
-            if not any(w in str(e) for w in UNBUILT):
-                raise
-        found: list[Realisation] = []
-        for drv in drvs:
-            try:
-                found += await ask([outputs_installable(drv, version)])
-                continue
-            except StoreError as e:
-                if not any(w in str(e) for w in UNBUILT):
-                    raise
+        async def of_drvs(some: list[str]) -> list[Realisation]:
+            return await ask([outputs_installable(d, version) for d in some])
+
+        async def by_output(drv: str) -> list[Realisation]:
             if version < (2, 13):
-                continue  # no way to name one output: the .drv's resolution carries them
+                return []  # no way to name one output: the .drv's resolution carries them
             try:
                 with open(drv, "rb") as f:
                     names = [o.name for o in derivation.parse(f.read()).outputs]
             except (OSError, derivation.DerivationError):
-                continue
-            for name in names:
-                try:
-                    found += await ask([outputs_installable(drv, version, name)])
-                except StoreError as e:
-                    if not any(w in str(e) for w in UNBUILT):
-                        raise
-        return found
+                return []
+
+            async def of_outputs(some: list[str]) -> list[Realisation]:
+                return await ask([outputs_installable(drv, version, n) for n in some])
+
+            return await _at_once_or_each(names, of_outputs, UNBUILT, _nothing, at_once=False)
+
+        return await _at_once_or_each(drvs, of_drvs, UNBUILT, by_output)
 
     async def resolve(self, paths: Iterable[str]) -> list[str]:
         """`paths` with every .drv replaced by those of its outputs that are in the store, in order; a .drv
@@ -373,3 +359,33 @@ class Store:
             if not outs:
                 raise StoreError(f"none of the outputs of {d} is in the store (build it first)")
         return [o for p in paths for o in built.get(p, [p])]
+
+
+async def _at_once_or_each(
+    items: list[str],
+    ask: Callable[[list[str]], Awaitable[list[T]]],
+    refusals: Iterable[str],
+    fallback: Callable[[str], Awaitable[list[T]]],
+    at_once: bool = True,
+) -> list[T]:
+    """Ask Nix about all `items` at once, or (when it refuses with one of `refusals`, or `at_once` is
+    off) one at a time, taking `fallback(item)` for an item it refuses alone."""
+    if at_once:
+        try:
+            return await ask(items)
+        except StoreError as e:
+            if not any(w in str(e) for w in refusals):
+                raise
+    found: list[T] = []
+    for item in items:
+        try:
+            found += await ask([item])
+        except StoreError as e:
+            if not any(w in str(e) for w in refusals):
+                raise
+            found += await fallback(item)
+    return found
+
+
+async def _nothing(_item: str) -> list[T]:
+    return []

@@ -9,7 +9,6 @@ store paths, NARs and narinfos are identical and a closure exported here imports
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -20,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from hookd.store import json_format_args, parse_path_info
+from hookd.selftest import NixQueries
 
 NIX_CONF = """build-users-group =
 sandbox = false
@@ -97,7 +96,7 @@ class Side:
         }
 
 
-class Nix:
+class Nix(NixQueries):
     """A private Nix on a side: store, state, config and nix-daemon under `root` (the same on every side)."""
 
     def __init__(self, side: Side, root: Path) -> None:
@@ -106,7 +105,6 @@ class Nix:
         self.store_dir = str(root / "nix" / "store")
         self.socket = root / "nix-daemon.sock"
         self.proc: subprocess.Popen[bytes] | None = None
-        self._json_flags: tuple[str, ...] | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -153,19 +151,6 @@ class Nix:
         path = self.root / name
         self.side.host_path(path).write_text(text)
         return path
-
-    def json_flags(self) -> tuple[str, ...]:
-        if self._json_flags is None:
-            self._json_flags = json_format_args(self.nix("nix", "--version").stdout)
-        return self._json_flags
-
-    def path_info(self, paths: Iterable[str], recursive: bool = False) -> list[dict[str, Any]]:
-        argv = ["nix", "path-info", *self.json_flags(), *(["-r"] if recursive else []), *paths]
-        infos = parse_path_info(json.loads(self.nix(*argv).stdout), self.store_dir)
-        return [i.to_json() for i in infos.values()]
-
-    def closure(self, paths: Iterable[str]) -> list[str]:
-        return sorted(str(i["path"]) for i in self.path_info(paths, recursive=True))
 
     def delete(self, paths: Iterable[str]) -> None:
         """Delete paths and whatever refers to them (the top's .drv names its inputs), so the next workload has
