@@ -46,7 +46,7 @@ class Config:
     """Passed to Nix as --store when querying path info (for example 'daemon'); default: Nix's own."""
     max_parallel: int = 64
     """At most this many paths upload at once. The scheduler starts at 8 (or this, if lower) and adapts:
-    more while the backend answers as fast as it can, fewer when it throttles or slows down."""
+    more while the backend answers as fast as it can, back towards 8 when it throttles or slows down."""
     worker_nice: int = 10
     """Added niceness of the threads that hash and compress NARs (builds and the hook come first)."""
     priority: int = 50

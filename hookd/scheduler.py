@@ -76,8 +76,10 @@ class ByteBudget:
 class Parallelism:
     """How many paths upload at once, adapted to the backend like TCP's window (AIMD): one more per
     round of uploads while the backend keeps up, a quarter fewer (at most once a second) when it
-    throttles or its answers slow down. Latency-bound backends get many paths in flight, a saturated
-    one few."""
+    throttles or its answers slow down, never fewer than `floor`. Latency-bound backends get many
+    paths in flight. (Below the floor, throttling is the request rate's business (AdaptiveRate): an
+    upload spends most of its time waiting, on the protocol's settle time or a slow link, not loading
+    the backend, and a shared server's latency swings would otherwise starve it.)"""
 
     limit: float
     ceiling: int
@@ -116,7 +118,8 @@ class Scheduler:
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.outcomes: list[Outcome] = []
         self.bytes = ByteBudget(cfg.max_bytes_in_flight)
-        self.parallel = Parallelism(float(min(START_PARALLEL, cfg.max_parallel)), cfg.max_parallel)
+        start = min(START_PARALLEL, cfg.max_parallel)
+        self.parallel = Parallelism(float(start), cfg.max_parallel, floor=start)
         # what a streamed NAR holds in memory at most: the parts in flight and the one filling
         self.stream_memory = max(cfg.part_size, cfg.multipart_threshold) * (cfg.part_concurrency + 1)
         self.wake = asyncio.Event()

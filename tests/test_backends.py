@@ -346,6 +346,10 @@ def test_parallelism_grows_while_uncongested_and_backs_off_once_a_second() -> No
     for t in range(11, 40):
         p.update(True, float(t))
     assert p.slots == 1
+    kept = Parallelism(8.0, ceiling=64, floor=8)
+    for t in range(40):
+        kept.update(True, float(t))
+    assert kept.slots == 8
 
 
 @pytest.mark.parametrize("kind", [*S3_SERVERS, "nginx"])
