@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,8 @@ class S3Server:
 
     url: str
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self, config: Any = None):  # type: ignore[no-untyped-def]
+        """A boto3 client of this server (`config`: a botocore Config, for example the benchmark's)."""
         import boto3
 
         return boto3.client(
@@ -70,6 +72,7 @@ class S3Server:
             region_name="us-east-1",
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
+            config=config,
         )
 
     def make_bucket(self, name: str) -> None:

@@ -69,21 +69,15 @@ def s3_client(server: S3Server) -> Callable[[], Any]:
     """boto3 clients without the optional checksums (hookd asks for them only where required, too)."""
 
     def make() -> Any:
-        import boto3
         from botocore.config import Config
 
-        return boto3.client(
-            "s3",
-            endpoint_url=server.url,
-            region_name="us-east-1",
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            config=Config(
+        return server.client(
+            Config(
                 max_pool_connections=32,
                 s3={"addressing_style": "path"},
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-            ),
+            )
         )
 
     return make
