@@ -378,3 +378,17 @@ async def test_stat_top_answers_for_many_keys_within_its_budget(
     assert all(o.mtime > 0 and o.size == 1 for o in found.values())
     assert await be.stat_top(present, budget=too_small) is None
     await be.close()
+
+
+async def test_s3_conditional_writes_probed_once_for_concurrent_uploads(
+    tmp_path: Path, s3server: S3Server, aws_env: None
+) -> None:
+    proxy = FaultProxy(tmp_path, s3server.url)
+    _, url = s3_url(s3server, proxy.url)
+    be = open_backend(url)
+    created = await asyncio.gather(*(be.put_new(f"nar/{i % 4}.nar", b"x", "application/x-nix-nar") for i in range(16)))
+    await be.close()
+    assert sorted(created) == [False] * 12 + [True] * 4  # each key created once: the server enforces it
+    probes = [r for r in proxy.records() if "hookd-probe" in str(r["path"]) and r["method"] == "PUT"]
+    proxy.stop()
+    assert len(probes) == 2  # one probe (two conditional PUTs of one key), not one per upload

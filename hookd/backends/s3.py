@@ -88,6 +88,7 @@ class S3Backend(Backend):
         self._client: Any = None
         self._lock = asyncio.Lock()
         self._conditional: bool | None = None
+        self._probe_lock = asyncio.Lock()
         self.list_page = 1000  # keys per listing page (S3's maximum)
 
     async def _c(self) -> Any:
@@ -180,8 +181,9 @@ class S3Backend(Backend):
     async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
         """One conditional PUT (If-None-Match: *) where the server enforces it (probed once per
         backend: AWS, moto and radosgw do); asking first otherwise."""
-        if self._conditional is None:
-            self._conditional = await self._probe_conditional()
+        async with self._probe_lock:  # the first uploads arrive together: one probe for all of them
+            if self._conditional is None:
+                self._conditional = await self._probe_conditional()
         if not self._conditional:
             return await super().put_new(key, data, content_type)
         try:
