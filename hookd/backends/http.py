@@ -164,17 +164,14 @@ class HttpBackend(Backend):
         headers = {"Content-Type": content_type}
         if content_encoding is not None:
             headers["Content-Encoding"] = content_encoding
-        status, _, _ = await self._request("PUT", key, data, headers)
-        if status == 404:
-            raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
+        _put_answered(f"PUT {self.base}/{key}", (await self._request("PUT", key, data, headers))[0])
 
     async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
         """One PUT with If-None-Match: *; created only when the server says 201 Created (RFC 9110), as
         nginx does. A 412 (the key exists) or a 200/204 (a server that ignores the condition replaced
         the object, with the same bytes: narstream.py) is not a creation."""
         status, _, _ = await self._request("PUT", key, data, {"Content-Type": content_type, "If-None-Match": "*"})
-        if status == 404:
-            raise PermanentBackendError(f"PUT {self.base}/{key}: HTTP 404 (does the server accept PUT?)")
+        _put_answered(f"PUT {self.base}/{key}", status)
         return status == 201
 
     async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
@@ -201,8 +198,7 @@ class HttpBackend(Backend):
             raise
         if failure:  # the client library swallowed the stream's error: never treat that as written
             raise failure[0]
-        if status == 404:
-            raise PermanentBackendError(f"{what}: HTTP 404 (does the server accept PUT?)")
+        _put_answered(what, status)
 
     async def delete(self, key: str) -> None:
         await self._request("DELETE", key)
@@ -306,6 +302,12 @@ def _parse_multistatus(body: bytes) -> list[tuple[str, bool, int, float, str | N
             mtime = 0.0
         out.append((href, is_dir, size, mtime, prop.findtext("{DAV:}getetag")))
     return out
+
+
+def _put_answered(what: str, status: int) -> None:
+    """A PUT answered 404 went to a server that does not take PUT there (a plain static server)."""
+    if status == 404:
+        raise PermanentBackendError(f"{what}: HTTP 404 (does the server accept PUT?)")
 
 
 def _basic(user: str, password: str) -> str:
