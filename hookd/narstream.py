@@ -124,8 +124,42 @@ class Encoding:
 
 
 def encoding(compression: str, level: int, nar_size: int) -> Encoding:
-    """The encoding every hookd with this compression setting uses for a NAR of this size."""
+    """The encoding every hookd with this compression setting uses for a NAR of this size, if it
+    compresses (see `worth_compressing`)."""
     return Encoding(compression, level, threaded=compression == "zstd" and nar_size >= THREADED_FROM)
+
+
+RAW = Encoding("none", 0)
+WORTH = 0.97
+"""A NAR is stored compressed only when compression takes off more than 3 % (of the whole NAR when it is
+small, of its first SAMPLE bytes when not). Less is not worth the CPU on both ends: random data,
+compressed archives and images (`.tar.gz` sources, media) come out of zstd as large as they went in,
+after zstd was the slowest stage of their upload (and of every later download)."""
+SAMPLE = 1 << 20
+
+
+def worth_compressing(raw: int, compressed: int) -> bool:
+    return compressed < WORTH * raw
+
+
+def sampled_encoding(info: PathInfo, enc: Encoding) -> Encoding:
+    """`enc`, or RAW when the NAR's first SAMPLE bytes do not compress (blocking: run it in a thread).
+
+    A function of the NAR's contents only, so every hookd makes the same choice for a NAR and the key
+    scheme holds: the choice is part of the key (`.nar` or `-<tag>.nar.zst`). The NarHash of the
+    sampled bytes is not checked here; the upload's stream checks the whole NAR before it ends.
+    """
+    if enc.compression == "none":
+        return enc
+    sample = bytearray()
+    for chunk in nar.dump(info.path):
+        sample += chunk
+        if len(sample) >= SAMPLE:
+            break
+    del sample[SAMPLE:]
+    comp = Encoding(enc.compression, enc.level).compressor()
+    compressed = len(comp.compress(sample)) + len(comp.flush())
+    return enc if worth_compressing(len(sample), compressed) else RAW
 
 
 _niced = threading.local()
@@ -151,15 +185,19 @@ class Encoded:
 
 
 def encode(
-    info: PathInfo, enc: Encoding, sink: Callable[[bytes], None], stopped: Callable[[], bool] = lambda: False
+    info: PathInfo,
+    enc: Encoding,
+    sink: Callable[[bytes], None],
+    stopped: Callable[[], bool] = lambda: False,
+    raw: Callable[[bytes], None] | None = None,
 ) -> Encoded:
     """Dump `info`'s path, check it against the store's NarHash and NarSize, compress it, and hand the
     compressed bytes to `sink` (blocking: run it in a thread). Raises NarMismatchError before the
     compressor's last bytes, so a consumer that commits only on a normal end commits nothing wrong;
-    _Stopped as soon as `stopped()` says nobody wants the rest."""
+    _Stopped as soon as `stopped()` says nobody wants the rest. `raw` sees the NAR's own bytes."""
     nar_hash, file_hash = hashlib.sha256(), hashlib.sha256()
     nar_size = file_size = 0
-    comp = enc.compressor()
+    comp = _reused.by_encoding.pop(enc, None) or enc.compressor()
     feed = FEED_THREADED if enc.threaded else 0
     batch = bytearray()
 
@@ -175,6 +213,8 @@ def encode(
             raise _Stopped
         nar_hash.update(chunk)
         nar_size += len(chunk)
+        if raw is not None:
+            raw(chunk)
         if not feed:
             compress(chunk)
             continue
@@ -188,7 +228,26 @@ def encode(
     out = comp.flush()
     file_hash.update(out)
     sink(out)
+    _reuse(enc, comp)
     return Encoded(file_hash.digest(), file_size + len(out))
+
+
+class _Reused(threading.local):
+    """This thread's single-threaded zstd compressor, kept between NARs once it has ended a frame: making
+    one allocates and clears several MiB (with large buffers unmapped when freed, as the daemon sets
+    glibc, ~0.8 ms per NAR, more than compressing a small one). A compressor that did not end its frame
+    (an error, a stop) is dropped. Reuse does not change the bytes (tests/test_narstream.py)."""
+
+    def __init__(self) -> None:
+        self.by_encoding: dict[Encoding, Compressor] = {}
+
+
+_reused = _Reused()
+
+
+def _reuse(enc: Encoding, comp: Compressor) -> None:
+    if enc.compression == "zstd" and not enc.threaded:
+        _reused.by_encoding[enc] = comp
 
 
 def check(info: PathInfo, digest: bytes, size: int) -> None:
@@ -202,12 +261,17 @@ def check(info: PathInfo, digest: bytes, size: int) -> None:
         )
 
 
-def encode_whole(info: PathInfo, enc: Encoding, nice: int = 0) -> tuple[bytes, Encoded]:
-    """A small NAR, compressed, in memory (blocking: run it in a thread)."""
+def encode_small(info: PathInfo, enc: Encoding, nice: int = 0) -> tuple[Encoding, bytes, Encoded]:
+    """A small NAR in memory, compressed with `enc` if that is worth it (`worth_compressing`) and as
+    itself (RAW) if not, with the encoding chosen (blocking: run it in a thread)."""
     lower_thread_priority(nice)
+    raw: list[bytes] = []
     parts: list[bytes] = []
-    encoded = encode(info, enc, parts.append)
-    return b"".join(parts), encoded
+    encoded = encode(info, enc, parts.append, raw=raw.append)
+    if enc.compression == "none" or worth_compressing(info.nar_size, encoded.file_size):
+        return enc, b"".join(parts), encoded
+    data = b"".join(raw)
+    return RAW, data, Encoded(info.nar_hash, len(data))
 
 
 _END = object()

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import derivation, encoding, listing, narinfo
+from . import derivation, encoding, listing, narinfo, storepath
 from . import realisation as realisations
 from .backends import Backend, BackendError
 from .backends.retry import backoff
@@ -41,20 +41,22 @@ class Extras:
         self.listings = listings
         self.content_encoding = content_encoding
 
-    async def before_narinfo(
-        self, info: PathInfo, ni: narinfo.NarInfo, tree: dict[str, Any] | None = None
-    ) -> tuple[bytes, str | None]:
-        """Write the path's listing (from `tree` when the caller built it from the NAR stream, else from an
-        lstat walk of the path); return the narinfo's bytes as stored and their Content-Encoding."""
-        if self.listings:
-            try:
-                doc = tree if tree is not None else await asyncio.to_thread(listing.from_path, info.path)
-            except listing.ListingError as e:  # a name JSON cannot hold: Nix writes no listing either
-                log.warning("no listing for %s: %s", info.path, e)
-            else:
-                key = listing.key(ni.hash_part)
-                body, enc = encoding.encode(key, listing.render(doc), self.content_encoding)
-                await self.backend.put(key, body, listing.CONTENT_TYPE, content_encoding=enc)
+    async def write_listing(self, info: PathInfo) -> None:
+        """Write the path's listing (from an lstat walk of the path), if listings are on. upload.py runs
+        it beside the NAR's upload: both must be in the cache before the narinfo, neither needs the other."""
+        if not self.listings:
+            return
+        try:
+            doc = await asyncio.to_thread(listing.from_path, info.path)
+        except listing.ListingError as e:  # a name JSON cannot hold: Nix writes no listing either
+            log.warning("no listing for %s: %s", info.path, e)
+            return
+        key = listing.key(storepath.hash_part(info.path))
+        body, enc = encoding.encode(key, listing.render(doc), self.content_encoding)
+        await self.backend.put(key, body, listing.CONTENT_TYPE, content_encoding=enc)
+
+    def narinfo_body(self, ni: narinfo.NarInfo) -> tuple[bytes, str | None]:
+        """The narinfo's bytes as stored and their Content-Encoding."""
         return encoding.encode(narinfo.narinfo_key(ni.store_path), ni.render().encode(), self.content_encoding)
 
 

@@ -146,17 +146,18 @@ class Scheduler:
                 await wait_event(stopping, delay, clear=False)
 
     async def step(self) -> list[str]:
-        """Record finished attempts and start the uploads there is room for; the paths started."""
-        await self.flush()
+        """Record finished attempts and start the uploads there is room for (one transaction); the paths
+        started."""
         if not self.cache_ready:
+            await self.flush()
             await self.ensure_cache_info()
-        free = self.parallel.slots - len(self.inflight)
-        if free <= 0:
-            return []
-        busy = set(self.inflight) | {o.path for o in self.outcomes}  # finished, not yet recorded: busy
-        ready = await self.queue.ready(free, exclude=busy)
-        if ready:
-            await self.queue.start([i.path for i in ready])
+        free = max(0, self.parallel.slots - len(self.inflight))
+        batch, self.outcomes = self.outcomes, []
+        try:
+            ready = await self.queue.advance(batch, free, exclude=self.inflight)
+        except BaseException:
+            self.outcomes[:0] = batch
+            raise
         for info in ready:
             self.inflight[info.path] = asyncio.create_task(self._upload(info), name=info.path)
         return [i.path for i in ready]
@@ -191,7 +192,8 @@ class Scheduler:
         await self.flush()
 
     async def upload(self, info: PathInfo) -> Uploaded:
-        elsewhere = await self.queue.upstream_references(info.path)
+        refs = any(r != info.path for r in info.references)
+        elsewhere = await self.queue.upstream_references(info.path) if refs else set()
         async with self.bytes.hold(min(info.nar_size, self.stream_memory)):
             return await upload_path(
                 info,

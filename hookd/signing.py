@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from dataclasses import dataclass
 
 import nacl.exceptions
@@ -85,7 +86,12 @@ class SecretKey:
     def public(self) -> PublicKey:
         return PublicKey(self.name, self.key[32:])
 
+    @functools.cached_property
+    def _signing_key(self) -> nacl.signing.SigningKey:
+        """Made once: deriving it from the seed costs more than a signature."""
+        return nacl.signing.SigningKey(self.key[:32])
+
     def sign(self, fingerprint: str) -> str:
         """The `Sig:` value for `fingerprint`. Ed25519 is deterministic, so this reproduces Nix exactly."""
-        signed = nacl.signing.SigningKey(self.key[:32]).sign(fingerprint.encode())
+        signed = self._signing_key.sign(fingerprint.encode())
         return f"{self.name}:{base64.b64encode(signed.signature).decode()}"

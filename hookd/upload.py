@@ -10,6 +10,7 @@ backend only after its NarHash was checked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ def make_narinfo(
 @dataclass(frozen=True)
 class PutNar:
     key: str
+    compression: str  # the setting's, or "none" for a NAR that does not compress (narstream.WORTH)
     created: bool  # by this call: it may be relied on without a touch (safety.py)
     encoded: narstream.Encoded | None  # None: a large NAR found there, not encoded here
     file_size: int
@@ -57,17 +59,20 @@ async def put_nar(info: PathInfo, backend: Backend, compression: str, level: int
     """Put the path's NAR unless the cache has it.
 
     A small NAR is sent without asking first (a conditional write where the backend has one: one
-    request either way); a large one is asked for, then streamed.
+    request either way); a large one is asked for, then streamed. Either is stored as itself when
+    compressing it is not worth it (narstream.WORTH).
     """
     enc = narstream.encoding(compression, level, info.nar_size)
-    key = enc.key(info.nar_hash)
     if info.nar_size <= narstream.SMALL_NAR:
-        data, encoded = await asyncio.to_thread(narstream.encode_whole, info, enc, nice)
+        enc, data, encoded = await asyncio.to_thread(narstream.encode_small, info, enc, nice)
+        key = enc.key(info.nar_hash)
         created = await backend.put_new(key, data, NAR_CONTENT_TYPE)
-        return PutNar(key, created, encoded, encoded.file_size)
+        return PutNar(key, enc.compression, created, encoded, encoded.file_size)
+    enc = await asyncio.to_thread(narstream.sampled_encoding, info, enc)
+    key = enc.key(info.nar_hash)
     there = await backend.stat(key)
     if there is not None:
-        return PutNar(key, False, None, there.size)
+        return PutNar(key, enc.compression, False, None, there.size)
     # absent when asked: a delete decided on an earlier object of this key has landed (safety.py)
     stream = NarStream(info, enc, nice)
     try:
@@ -75,7 +80,7 @@ async def put_nar(info: PathInfo, backend: Backend, compression: str, level: int
     finally:
         stream.close()
     assert stream.encoded is not None  # a normal end of the stream sets it
-    return PutNar(key, True, stream.encoded, stream.encoded.file_size)
+    return PutNar(key, enc.compression, True, stream.encoded, stream.encoded.file_size)
 
 
 @dataclass(frozen=True)
@@ -111,21 +116,30 @@ async def upload_path(
     verify recently (the references' narinfos, a NAR that was already there) is touched and, after
     the settle time, checked; the narinfo goes last. Raises on failure (nothing published) and
     ReferenceGone when a reference has to be uploaded again first. References in `elsewhere` (left to
-    an upstream cache) are not this cache's to touch. `extras` writes the path's listing (before the
-    protocol's waits, which bound the time from the last check to the narinfo's PUT) and encodes the
-    narinfo.
+    an upstream cache) are not this cache's to touch. `extras` writes the path's listing (beside the
+    NAR, before the protocol's waits, which bound the time from the last check to the narinfo's PUT)
+    and encodes the narinfo.
     """
     ni_key = narinfo.narinfo_key(info.path)
     started = time.monotonic()
-    nar = await put_nar(info, backend, compression, level, nice)
+    listed = asyncio.ensure_future(extras.write_listing(info)) if extras else None
+    try:
+        nar = await put_nar(info, backend, compression, level, nice)
+        if listed:
+            await listed
+    finally:
+        if listed and not listed.done():
+            listed.cancel()
+            with contextlib.suppress(BaseException):
+                await listed
     url = nar.key
     if nar.created:
         freshness.wrote(url, started)
     # else an identical NAR was there already: touched and verified below (unless this daemon wrote or
     # verified it recently), like a reference
-    ni = make_narinfo(info, url, compression, nar.encoded, nar.file_size)
+    ni = make_narinfo(info, url, nar.compression, nar.encoded, nar.file_size)
     ni.sigs = [key.sign(ni.fingerprint())]
-    body, enc = await extras.before_narinfo(info, ni) if extras else (ni.render().encode(), None)
+    body, enc = extras.narinfo_body(ni) if extras else (ni.render().encode(), None)
     skip = set(elsewhere)
     refs = {narinfo.narinfo_key(r): r for r in info.references if r != info.path and r not in skip}
     relied = {url: NAR_CONTENT_TYPE, **dict.fromkeys(refs, narinfo.CONTENT_TYPE)}

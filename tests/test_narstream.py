@@ -22,7 +22,7 @@ from hookd.store import PathInfo
 
 def make_path(root: Path, files: dict[str, bytes]) -> PathInfo:
     top = root / "6q5cdpsrvdpmkzh5sy8wdc7vz7p51z1c-x"
-    top.mkdir()
+    top.mkdir(parents=True)
     for name, data in files.items():
         (top / name).write_bytes(data)
     dumped = b"".join(nar.dump(top))
@@ -80,14 +80,50 @@ def test_threaded_zstd_differs_from_single_threaded_hence_its_own_tag() -> None:
     assert _encode(data, Encoding("zstd", 3), []) != _encode(data, Encoding("zstd", 3, True), [])
 
 
-def test_encode_whole_checks_the_nar_hash(tmp_path: Path) -> None:
+def test_encode_small_checks_the_nar_hash(tmp_path: Path) -> None:
     info = make_path(tmp_path, {"a": b"hello", "b": compressible(10000)})
-    data, encoded = narstream.encode_whole(info, Encoding("zstd", 3))
-    assert pyzstd.decompress(data) == b"".join(nar.dump(info.path))
+    enc, data, encoded = narstream.encode_small(info, Encoding("zstd", 3))
+    assert enc == Encoding("zstd", 3) and pyzstd.decompress(data) == b"".join(nar.dump(info.path))
     assert encoded.file_hash == hashlib.sha256(data).digest() and encoded.file_size == len(data)
     (Path(info.path) / "a").write_bytes(b"hellO")
     with pytest.raises(NarMismatchError, match="do not match"):
-        narstream.encode_whole(info, Encoding("zstd", 3))
+        narstream.encode_small(info, Encoding("zstd", 3))
+
+
+def test_a_nar_that_does_not_compress_is_stored_as_itself(tmp_path: Path) -> None:
+    """Small NARs by their compressed size, large ones by a sample of their start; either way a function
+    of the NAR alone (the choice is in the key), and NarHash is still checked."""
+    noise = make_path(tmp_path / "noise", {"r": os.urandom(100_000)})
+    enc, data, encoded = narstream.encode_small(noise, Encoding("zstd", 3))
+    assert enc == narstream.RAW and data == b"".join(nar.dump(noise.path))
+    assert encoded == narstream.Encoded(noise.nar_hash, noise.nar_size)
+    assert enc.key(noise.nar_hash).endswith(f"{nixbase32.encode(noise.nar_hash)}.nar")
+    text = make_path(tmp_path / "text", {"t": compressible(100_000)})
+    assert narstream.encode_small(text, Encoding("zstd", 3))[0] == Encoding("zstd", 3)
+
+    big_noise = make_path(tmp_path / "big-noise", {"a": os.urandom(2 << 20), "b": compressible(1 << 20)})
+    big_text = make_path(tmp_path / "big-text", {"a": compressible(2 << 20), "b": os.urandom(1 << 20)})
+    threaded = Encoding("zstd", 3, threaded=True)
+    assert narstream.sampled_encoding(big_noise, threaded) == narstream.RAW
+    assert narstream.sampled_encoding(big_text, threaded) == threaded
+    (Path(noise.path) / "r").write_bytes(os.urandom(100_000))
+    with pytest.raises(NarMismatchError):
+        narstream.encode_small(noise, Encoding("zstd", 3))
+
+
+def test_a_reused_compressor_gives_the_same_bytes(tmp_path: Path) -> None:
+    """Each thread keeps its zstd compressor between NARs (making one is costly); bytes do not change,
+    also after a NAR whose check failed midway left its compressor mid-frame."""
+    a = make_path(tmp_path / "a", {"x": compressible(300_000)})
+    b = make_path(tmp_path / "b", {"y": compressible(200_000) + os.urandom(1000)})
+    enc = Encoding("zstd", 3)
+    fresh = {p.path: _encode(b"".join(nar.dump(p.path)), enc, []) for p in (a, b)}
+    for p in (a, b, a, b):
+        assert narstream.encode_small(p, enc)[1] == fresh[p.path]
+    bad = PathInfo(a.path, b.nar_hash, a.nar_size, ())
+    with pytest.raises(NarMismatchError):
+        narstream.encode_small(bad, enc)
+    assert narstream.encode_small(b, enc)[1] == fresh[b.path]
 
 
 async def test_stream_yields_the_encoding_and_raises_before_its_end_on_a_mismatch(tmp_path: Path) -> None:
@@ -97,7 +133,7 @@ async def test_stream_yields_the_encoding_and_raises_before_its_end_on_a_mismatc
     enc = Encoding("zstd", 3, threaded=True)
     stream = NarStream(info, enc)
     data = b"".join([p async for p in stream])
-    assert data == narstream.encode_whole(info, enc)[0]
+    assert data == _encode(b"".join(nar.dump(info.path)), enc, [])
     assert stream.encoded is not None and stream.encoded.file_hash == hashlib.sha256(data).digest()
 
     (Path(info.path) / "text").write_bytes(compressible(3 << 20)[::-1])  # same size, other bytes
