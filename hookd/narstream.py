@@ -192,9 +192,12 @@ def encode(
     raw: Callable[[bytes], None] | None = None,
 ) -> Encoded:
     """Dump `info`'s path, check it against the store's NarHash and NarSize, compress it, and hand the
-    compressed bytes to `sink` (blocking: run it in a thread). Raises NarMismatchError before the
-    compressor's last bytes, so a consumer that commits only on a normal end commits nothing wrong;
-    _Stopped as soon as `stopped()` says nobody wants the rest. `raw` sees the NAR's own bytes."""
+    compressed bytes to `sink` (blocking: run it in a thread). Raises NarMismatchError instead of
+    returning (and, compressed, before the compressor's last bytes), so a consumer that commits only
+    on a normal end commits nothing wrong; _Stopped as soon as `stopped()` says nobody wants the rest.
+    `raw` sees the NAR's own bytes."""
+    if enc.compression == "none":
+        return _as_itself(info, sink, stopped)
     nar_hash, file_hash = hashlib.sha256(), hashlib.sha256()
     nar_size = file_size = 0
     comp = _reused.by_encoding.pop(enc, None) or enc.compressor()
@@ -248,6 +251,20 @@ _reused = _Reused()
 def _reuse(enc: Encoding, comp: Compressor) -> None:
     if enc.compression == "zstd" and not enc.threaded:
         _reused.by_encoding[enc] = comp
+
+
+def _as_itself(info: PathInfo, sink: Callable[[bytes], None], stopped: Callable[[], bool]) -> Encoded:
+    """`encode` for RAW: the dump's own pieces, hashed once (FileHash is NarHash), copied nowhere."""
+    nar_hash = hashlib.sha256()
+    nar_size = 0
+    for chunk in nar.dump(info.path):
+        if stopped():
+            raise _Stopped
+        nar_hash.update(chunk)
+        nar_size += len(chunk)
+        sink(chunk)
+    check(info, nar_hash.digest(), nar_size)
+    return Encoded(info.nar_hash, nar_size)
 
 
 def check(info: PathInfo, digest: bytes, size: int) -> None:
@@ -321,6 +338,9 @@ class NarStream:
         pending = bytearray()
 
         def emit(data: bytes) -> None:
+            if not pending and len(data) >= EMIT:
+                self._put(loop, data)  # as it is: a NAR sent as itself comes in the dump's 1 MiB pieces
+                return
             pending.extend(data)
             if len(pending) >= EMIT:
                 self._put(loop, bytes(pending))

@@ -1,5 +1,6 @@
-"""A binary cache on any HTTP server that accepts PUT (nginx WebDAV, Attic-less setups, Artifactory…),
-through aiohttp: HEAD, GET, PUT and DELETE with one connection pool, bounded timeouts and retries.
+"""A binary cache on any HTTP server that accepts PUT (nginx WebDAV, Attic-less setups, Artifactory…):
+HEAD, GET, PUT, DELETE and PROPFIND through one pool of keep-alive connections (http11.py), with bounded
+timeouts and retries.
 
 Credentials (a bearer token file, a netrc file, or user:password in the URL) go into headers only and
 never into a log line or an error message: those name the method, the key and the status.
@@ -7,19 +8,22 @@ never into a log line or an error message: those name the method, the key and th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import netrc
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
-
-import aiohttp
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
+from .http11 import Body, Origin, ProtocolError
 from .retry import Remote, RetryableError, parse_retry_after, with_retries
 
-CHUNK = 1 << 20
+TRANSIENT = (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError)
+"""What a request can fail with short of an answer: the connection, a timeout, a garbled answer. Their
+texts name at most the host and port, never a credential (those are only in request headers)."""
+SAFE_IN_PATH = "/:@!$&'()*+,;=-._~"
 LISTING_BYTES = 32 << 10
 """What one request is worth in a PROPFIND answer (about fifty entries)."""
 RETRYABLE_STATUS = {408, 500, 502, 504}
@@ -36,7 +40,7 @@ def redact(url: str) -> str:
 
 
 def _transient(what: str, e: BaseException) -> RetryableError:
-    return RetryableError(f"{what}: {type(e).__name__}{': ' + str(e) if _safe(e) else ''}")
+    return RetryableError(f"{what}: {type(e).__name__}{': ' + str(e) if str(e) else ''}")
 
 
 def _check_status(what: str, status: int, hdrs: dict[str, str]) -> None:
@@ -83,50 +87,46 @@ class HttpBackend(Backend):
             except OSError as e:
                 raise PermanentBackendError(f"token file {token_file}: {e.strerror}") from None
             self.headers["Authorization"] = f"Bearer {token}"
-        if not tls_verify:
-            self.ssl: ssl.SSLContext | bool = False
-        elif ca_file is not None:
-            self.ssl = ssl.create_default_context(cafile=str(ca_file))
-        else:
-            self.ssl = True
-        self.timeout = aiohttp.ClientTimeout(sock_connect=remote.connect_timeout, sock_read=remote.read_timeout)
-        self.max_connections = remote.max_connections
+        tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            tls = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+            if not tls_verify:
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+        self.origin = Origin(
+            parts.hostname or "",
+            parts.port or (443 if parts.scheme == "https" else 80),
+            tls,
+            remote.max_connections,
+            remote.connect_timeout,
+            remote.read_timeout,
+            self.headers,
+        )
+        self.path = quote(urlsplit(self.base).path.rstrip("/"), safe=SAFE_IN_PATH)
         self.policy, self.rate = remote.policy, remote.rate
-        self._session: aiohttp.ClientSession | None = None
         self._listable = True  # until a PROPFIND is refused
 
-    def _sess(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=self.ssl)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self.headers)
-        return self._session
+    def _target(self, key: str) -> str:
+        return f"{self.path}/{quote(key, safe=SAFE_IN_PATH)}"
 
     def congested(self) -> bool:
         return self.rate.congested
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.origin.close()
 
     async def _once(
-        self, method: str, key: str, data: object = None, headers: dict[str, str] | None = None
+        self, method: str, key: str, data: Body = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, dict[str, str]]:
         what = f"{method} {self.base}/{key}"
+        wanted = {"GET": 200, "PROPFIND": 207}.get(method)
         try:
-            async with self._sess().request(
-                method, f"{self.base}/{key}", data=data, headers=headers, allow_redirects=False
-            ) as resp:
-                wanted = (method == "GET" and resp.status == 200) or (method == "PROPFIND" and resp.status == 207)
-                body = await resp.read() if wanted else b""
-                if not wanted:
-                    await resp.release()
-                status = resp.status
-                hdrs = {k.lower(): v for k, v in resp.headers.items()}
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            async with self.origin.stream(method, self._target(key), headers, data) as (resp, chunks):
+                parts = [c async for c in chunks]
+        except TRANSIENT as e:
             raise _transient(what, e) from None
-        _check_status(what, status, hdrs)
-        return status, body, hdrs
+        _check_status(what, resp.status, resp.headers)
+        return resp.status, b"".join(parts) if resp.status == wanted else b"", resp.headers
 
     async def _request(
         self, method: str, key: str, data: bytes | None = None, headers: dict[str, str] | None = None
@@ -141,12 +141,14 @@ class HttpBackend(Backend):
 
         async def op() -> tuple[T] | None:
             try:
-                async with self._sess().get(f"{self.base}/{key}", allow_redirects=False) as resp:
-                    _check_status(what, resp.status, {k.lower(): v for k, v in resp.headers.items()})
+                async with self.origin.stream("GET", self._target(key)) as (resp, chunks):
+                    _check_status(what, resp.status, resp.headers)
                     if resp.status != 200:
+                        async for _ in chunks:
+                            pass
                         return None
-                    return (await consume(resp.content.iter_chunked(CHUNK)),)
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+                    return (await consume(chunks),)
+            except TRANSIENT as e:
                 raise _transient(what, e) from None
 
         found = await with_retries(what, op, self.policy, self.rate)
@@ -179,7 +181,6 @@ class HttpBackend(Backend):
         body's last chunk arrives, and that is sent only after the stream ended normally. If the stream
         raises (a NarHash mismatch), the connection is cut before the end and nothing is committed. A
         streamed body cannot be sent twice: a failure is an error of this attempt (the path is retried)."""
-        what = f"PUT {self.base}/{key}"
         failure: list[BaseException] = []
 
         async def body() -> AsyncIterator[bytes]:
@@ -192,13 +193,11 @@ class HttpBackend(Backend):
 
         try:
             status, _, _ = await self._once("PUT", key, body(), {"Content-Type": content_type})
-        except BaseException:
-            if failure:
+        except BackendError:
+            if failure:  # the stream's own error (a NarHash mismatch, a read error), not the server's
                 raise failure[0] from None
             raise
-        if failure:  # the client library swallowed the stream's error: never treat that as written
-            raise failure[0]
-        _put_answered(what, status)
+        _put_answered(f"PUT {self.base}/{key}", status)
 
     async def delete(self, key: str) -> None:
         await self._request("DELETE", key)
@@ -224,20 +223,18 @@ class HttpBackend(Backend):
         limit = budget * LISTING_BYTES
         what = f"PROPFIND {self.base}/"
         try:
-            async with self._sess().request(
-                "PROPFIND", f"{self.base}/", data=b"", headers={"Depth": "1"}, allow_redirects=False
-            ) as resp:
+            async with self.origin.stream("PROPFIND", self._target(""), {"Depth": "1"}, b"") as (resp, chunks):
                 if resp.status != 207:
                     self._listable = False
-                    await resp.release()
+                    async for _ in chunks:
+                        pass
                     return None
                 body = bytearray()
-                async for chunk in resp.content.iter_chunked(CHUNK):
+                async for chunk in chunks:
                     body += chunk
                     if len(body) > limit:
-                        resp.close()  # a large cache: asking per key is cheaper than the rest
-                        return None
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+                        return None  # a large cache: asking per key is cheaper than the rest
+        except TRANSIENT as e:
             raise _transient(what, e) from None
         base_path = urlsplit(self.base).path.rstrip("/") + "/"
         wanted = set(keys)
@@ -312,11 +309,6 @@ def _put_answered(what: str, status: int) -> None:
 
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def _safe(e: BaseException) -> bool:
-    """Whether an aiohttp error's text is safe to show (it never holds more than host and port)."""
-    return isinstance(e, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError)
 
 
 __all__ = ["BackendError", "HttpBackend", "redact"]
