@@ -8,9 +8,10 @@ Times are this host's monotonic clock; the bucket's clock is never compared with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from .backends import Backend
 from .safety import Bounds
@@ -27,6 +28,7 @@ class Freshness:
         self.verified: dict[str, float] = {}  # key -> monotonic start of the write or verified touch
         self._running: dict[str, asyncio.Task[bool]] = {}
         self._gate = asyncio.Semaphore(concurrency)
+        self._writers: dict[str, tuple[asyncio.Lock, int]] = {}
         self.touches = 0  # requests spent on the protocol: touches and existence checks
         self.checks = 0
 
@@ -34,6 +36,25 @@ class Freshness:
         """This daemon wrote `key`; the write began at `started` (time.monotonic())."""
         if started > self.verified.get(key, float("-inf")):
             self.verified[key] = started
+
+    @contextlib.asynccontextmanager
+    async def sole_writer(self, key: str) -> AsyncIterator[None]:
+        """One upload of this daemon at a time writes `key`. Paths with identical NARs (an empty
+        directory, the same file) often upload together (same size, so side by side in the queue's
+        order): the first writes the NAR, and the others find it fresh (`wrote`) and rely on that
+        write, where a write of their own would find it there, not created, and have to touch it and
+        wait out the settle time (safety.py)."""
+        lock, users = self._writers.get(key, (asyncio.Lock(), 0))
+        self._writers[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._writers[key]
+            if users == 1:
+                del self._writers[key]
+            else:
+                self._writers[key] = (lock, users - 1)
 
     def restore(self, written: dict[str, float]) -> None:
         """Objects this daemon wrote before a restart, by key, with the wall-clock time each write began."""

@@ -55,20 +55,31 @@ class PutNar:
     file_size: int
 
 
-async def put_nar(info: PathInfo, backend: Backend, compression: str, level: int, nice: int) -> PutNar:
+async def put_nar(
+    info: PathInfo, backend: Backend, compression: str, level: int, nice: int, freshness: Freshness
+) -> PutNar:
     """Put the path's NAR unless the cache has it.
 
     A small NAR is sent without asking first (a conditional write where the backend has one: one
     request either way); a large one is asked for, then streamed. Either is stored as itself when
-    compressing it is not worth it (narstream.WORTH).
+    compressing it is not worth it (narstream.WORTH). A NAR that another upload of this daemon has
+    just written is not written again (Freshness.sole_writer).
     """
     enc = narstream.encoding(compression, level, info.nar_size)
     if info.nar_size <= narstream.SMALL_NAR:
         enc, data, encoded = await asyncio.to_thread(narstream.encode_small, info, enc, nice)
         key = enc.key(info.nar_hash)
-        created = await backend.put_new(key, data, NAR_CONTENT_TYPE)
+        async with freshness.sole_writer(key):
+            # fresh: written by this daemon, the same bytes (narstream.py), relied on like a reference
+            created = not freshness.fresh(key) and await backend.put_new(key, data, NAR_CONTENT_TYPE)
         return PutNar(key, enc.compression, created, encoded, encoded.file_size)
     enc = await asyncio.to_thread(narstream.sampled_encoding, info, enc)
+    async with freshness.sole_writer(enc.key(info.nar_hash)):
+        return await _put_large(info, backend, enc, nice)
+
+
+async def _put_large(info: PathInfo, backend: Backend, enc: narstream.Encoding, nice: int) -> PutNar:
+    """Ask, then stream. A NAR found there is relied on (touched unless this daemon wrote it lately)."""
     key = enc.key(info.nar_hash)
     there = await backend.stat(key)
     if there is not None:
@@ -124,7 +135,7 @@ async def upload_path(
     started = time.monotonic()
     listed = asyncio.ensure_future(extras.write_listing(info)) if extras else None
     try:
-        nar = await put_nar(info, backend, compression, level, nice)
+        nar = await put_nar(info, backend, compression, level, nice, freshness)
         if listed:
             await listed
     finally:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import threading
+from collections.abc import AsyncIterable
 from pathlib import Path
 from unittest import mock
 
@@ -162,3 +163,49 @@ async def test_stream_runs_a_bounded_distance_ahead_and_stops_when_closed(tmp_pa
     await asyncio.to_thread(stream._thread.join, 5)
     assert not stream._thread.is_alive()
     assert not [t for t in threading.enumerate() if t.name.startswith("nar ")]
+
+
+@pytest.mark.parametrize("size", [3000, narstream.SMALL_NAR + 1])
+async def test_paths_with_one_nar_uploading_together_write_it_once_and_wait_for_nothing(
+    tmp_path: Path, size: int
+) -> None:
+    """Identical NARs (same size: side by side in the queue's order) upload together: the first writes
+    the NAR, the others rely on that write. Without that, each other one finds the NAR there, not
+    created by itself, and must touch it and wait out the protocol's settle time (44 s by default)."""
+    from hookd.backends.file import FileBackend
+    from hookd.freshness import Freshness
+    from hookd.safety import Bounds
+    from hookd.signing import SecretKey
+    from hookd.upload import upload_path
+
+    content = compressible(size)
+    infos = []
+    for i in range(4):
+        info = make_path(tmp_path / f"s{i}", {"f": content})
+        top = Path(info.path).rename(tmp_path / f"s{i}" / f"{'abcdfghi'[i] * 32}-same")
+        infos.append(PathInfo(str(top), info.nar_hash, info.nar_size, ()))
+    writes: list[str] = []
+
+    class Slow(FileBackend):  # a write is answered a while after it lands, as a remote cache does
+        async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+            writes.append(key)
+            created = await super().put_new(key, data, content_type)
+            await asyncio.sleep(0.3 if created else 0)
+            return created
+
+        async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
+            writes.append(key)
+            await super().put_nar(key, chunks, content_type, size_hint)
+            await asyncio.sleep(0.3)
+
+    backend = Slow(tmp_path / "cache", fsync=False)
+    (tmp_path / "cache").mkdir()
+    bounds = Bounds()
+    assert bounds.settle > 30
+    freshness = Freshness(backend, bounds)
+    key = SecretKey.generate("test")
+    async with asyncio.timeout(20):
+        done = await asyncio.gather(*(upload_path(i, backend, key, "zstd", 3, freshness) for i in infos))
+    assert len(done) == 4 and freshness.touches == 0 and len(writes) == 1
+    assert len(list((tmp_path / "cache" / "nar").iterdir())) == 1
+    assert len(list((tmp_path / "cache").glob("*.narinfo"))) == 4
