@@ -62,7 +62,7 @@ class Config:
     """Tries per remote request (backoff with full jitter) before the path goes back to the queue."""
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    max_connections: int = 32
+    max_connections: int = 64
     """Connection pool size of a remote backend."""
     multipart_threshold: int = 8 << 20
     part_size: int = 8 << 20

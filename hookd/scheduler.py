@@ -74,9 +74,10 @@ class ByteBudget:
 
 @dataclass
 class Parallelism:
-    """How many paths upload at once, adapted to the backend like TCP's window (AIMD): one more per
-    round of uploads while the backend keeps up, a quarter fewer (at most once a second) when it
-    throttles or its answers slow down, never fewer than `floor`. Latency-bound backends get many
+    """How many paths upload at once, adapted to the backend like TCP's window: doubling each round of
+    uploads until the backend first shows strain (slow start), then one more per round while it keeps
+    up, a quarter fewer (at most once a second) when it throttles or its answers slow down, never fewer
+    than `floor`. Latency-bound backends get many
     paths in flight. (Below the floor, throttling is the request rate's business (AdaptiveRate): an
     upload spends most of its time waiting, on the protocol's settle time or a slow link, not loading
     the backend, and a shared server's latency swings would otherwise starve it.)"""
@@ -85,11 +86,14 @@ class Parallelism:
     ceiling: int
     floor: int = 1
     last_cut: float = float("-inf")
+    slow_start: bool = True
 
     def update(self, congested: bool, now: float) -> None:
         if not congested:
-            self.limit = min(float(self.ceiling), self.limit + 1 / self.limit)
-        elif now - self.last_cut >= 1.0:
+            self.limit = min(float(self.ceiling), self.limit + (1 if self.slow_start else 1 / self.limit))
+            return
+        self.slow_start = False
+        if now - self.last_cut >= 1.0:
             self.limit = max(float(self.floor), self.limit * 0.75)
             self.last_cut = now
 

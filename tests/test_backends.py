@@ -334,11 +334,16 @@ def test_congestion_follows_latency_against_its_best() -> None:
 
 def test_parallelism_grows_while_uncongested_and_backs_off_once_a_second() -> None:
     p = Parallelism(8.0, ceiling=64)
+    for _ in range(8 + 16):
+        p.update(False, 0.0)
+    assert p.slots == 32  # slow start: doubled in each of two rounds
+    p.update(True, 1.0)
+    assert p.slots == 24 and not p.slow_start
     for _ in range(200):
-        p.update(False, 0.0)
-    assert p.slots > 16  # about one more per round of uploads
+        p.update(False, 2.0)
+    assert 24 + 6 <= p.slots <= 24 + 9  # then about one more per round of uploads
     for _ in range(2000):
-        p.update(False, 0.0)
+        p.update(False, 2.0)
     assert p.slots == 64
     p.update(True, 10.0)
     p.update(True, 10.5)  # the same burst of bad answers: one cut

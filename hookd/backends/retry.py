@@ -150,7 +150,7 @@ class Remote:
 
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    max_connections: int = 32
+    max_connections: int = 64
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     rate: AdaptiveRate = field(default_factory=AdaptiveRate)
 
