@@ -148,6 +148,11 @@ class Config:
         return Bounds(self.gc_grace, self.gc_check_to_delete, self.gc_request_timeout, self.max_clock_skew)
 
     @property
+    def adaptive_level(self) -> bool:
+        """zstd with no level set adapts it to what holds uploads back (narstream.Levels)."""
+        return self.compression == "zstd" and self.compression_level is None
+
+    @property
     def level(self) -> int:
         if self.compression_level is not None:
             return self.compression_level

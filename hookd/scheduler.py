@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from . import narinfo
+from . import narinfo, narstream
 from .backends import Backend, BackendError, PermanentBackendError
 from .backends.retry import backoff
 from .config import Config
@@ -126,6 +126,7 @@ class Scheduler:
         self.parallel = Parallelism(float(start), cfg.max_parallel, floor=start)
         # what a streamed NAR holds in memory at most: the parts in flight and the one filling
         self.stream_memory = max(cfg.part_size, cfg.multipart_threshold) * (cfg.part_concurrency + 1)
+        self.levels = narstream.Levels(cfg.level, cfg.adaptive_level)
         self.wake = asyncio.Event()
         self.cache_ready = False
 
@@ -204,7 +205,7 @@ class Scheduler:
                 self.backend,
                 self.key,
                 self.cfg.compression,
-                self.cfg.level,
+                self.levels,
                 self.freshness,
                 self.cfg.worker_nice,
                 elsewhere,

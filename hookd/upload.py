@@ -56,7 +56,7 @@ class PutNar:
 
 
 async def put_nar(
-    info: PathInfo, backend: Backend, compression: str, level: int, nice: int, freshness: Freshness
+    info: PathInfo, backend: Backend, compression: str, levels: narstream.Levels, nice: int, freshness: Freshness
 ) -> PutNar:
     """Put the path's NAR unless the cache has it.
 
@@ -65,7 +65,7 @@ async def put_nar(
     compressing it is not worth it (narstream.WORTH). A NAR that another upload of this daemon has
     just written is not written again (Freshness.sole_writer).
     """
-    enc = narstream.encoding(compression, level, info.nar_size)
+    enc = narstream.encoding(compression, levels.current(), info.nar_size)
     if info.nar_size <= narstream.SMALL_NAR:
         enc, data, encoded = await asyncio.to_thread(narstream.encode_small, info, enc, nice)
         key = enc.key(info.nar_hash)
@@ -75,10 +75,12 @@ async def put_nar(
         return PutNar(key, enc.compression, created, encoded, encoded.file_size)
     enc = await asyncio.to_thread(narstream.sampled_encoding, info, enc)
     async with freshness.sole_writer(enc.key(info.nar_hash)):
-        return await _put_large(info, backend, enc, nice)
+        return await _put_large(info, backend, enc, nice, levels)
 
 
-async def _put_large(info: PathInfo, backend: Backend, enc: narstream.Encoding, nice: int) -> PutNar:
+async def _put_large(
+    info: PathInfo, backend: Backend, enc: narstream.Encoding, nice: int, levels: narstream.Levels
+) -> PutNar:
     """Ask, then stream. A NAR found there is relied on (touched unless this daemon wrote it lately)."""
     key = enc.key(info.nar_hash)
     there = await backend.stat(key)
@@ -91,6 +93,8 @@ async def _put_large(info: PathInfo, backend: Backend, enc: narstream.Encoding, 
     finally:
         stream.close()
     assert stream.encoded is not None  # a normal end of the stream sets it
+    if enc.compression != "none":
+        levels.observe(stream.starved, stream.blocked)
     return PutNar(key, enc.compression, True, stream.encoded, stream.encoded.file_size)
 
 
@@ -115,7 +119,7 @@ async def upload_path(
     backend: Backend,
     key: SecretKey,
     compression: str,
-    level: int,
+    levels: narstream.Levels,
     freshness: Freshness,
     nice: int = 0,
     elsewhere: Iterable[str] = (),
@@ -135,7 +139,7 @@ async def upload_path(
     started = time.monotonic()
     listed = asyncio.ensure_future(extras.write_listing(info)) if extras else None
     try:
-        nar = await put_nar(info, backend, compression, level, nice, freshness)
+        nar = await put_nar(info, backend, compression, levels, nice, freshness)
         if listed:
             await listed
     finally:

@@ -23,6 +23,7 @@ from hookd import nar, narinfo, nixbase32
 from hookd.backends import Backend, BackendError, ObjectStat
 from hookd.catalog import GcError
 from hookd.freshness import Freshness
+from hookd.narstream import Levels
 from hookd.plan import GcPlan, plan
 from hookd.safety import Bounds
 from hookd.signing import SecretKey
@@ -243,7 +244,7 @@ class Uploader:
                     if await self.bucket.stat(narinfo.narinfo_key(p)) is not None:
                         self.done.add(p)  # found, not written: it will be touched before it is relied on
                         continue
-                    await upload_path(self.infos[p], self.bucket, self.key, "none", 0, self.freshness)
+                    await upload_path(self.infos[p], self.bucket, self.key, "none", Levels(0), self.freshness)
                     self.uploads += 1
                     self.done.add(p)
                 return

@@ -205,7 +205,37 @@ async def test_paths_with_one_nar_uploading_together_write_it_once_and_wait_for_
     freshness = Freshness(backend, bounds)
     key = SecretKey.generate("test")
     async with asyncio.timeout(20):
-        done = await asyncio.gather(*(upload_path(i, backend, key, "zstd", 3, freshness) for i in infos))
+        done = await asyncio.gather(*(upload_path(i, backend, key, "zstd", narstream.Levels(3), freshness) for i in infos))
     assert len(done) == 4 and freshness.touches == 0 and len(writes) == 1
     assert len(list((tmp_path / "cache" / "nar").iterdir())) == 1
     assert len(list((tmp_path / "cache").glob("*.narinfo"))) == 4
+
+
+def test_levels_follow_what_holds_uploads_back() -> None:
+    """zstd with no level set: level 1 after a NAR whose backend waited for compressed bytes, the normal
+    level again after one whose compressor waited for the backend; a level set is never changed."""
+    auto = narstream.Levels(3, adaptive=True)
+    assert auto.current() == 3
+    auto.observe(starved=0.01, blocked=0.0)  # too short to tell
+    assert auto.current() == 3
+    auto.observe(starved=2.0, blocked=0.1)
+    assert auto.current() == narstream.FAST_LEVEL == 1
+    auto.observe(starved=0.2, blocked=3.0)
+    assert auto.current() == 3
+    fixed = narstream.Levels(3)
+    fixed.observe(starved=2.0, blocked=0.0)
+    assert fixed.current() == 3
+
+
+async def test_a_stream_measures_who_waited(tmp_path: Path) -> None:
+    """A consumer slower than the compressor: the worker waits (blocked); a fast one: it waits (starved)."""
+    info = make_path(tmp_path, {"a": os.urandom(12 << 20)})
+    slow = NarStream(info, Encoding("zstd", 1))
+    async for _ in slow:
+        await asyncio.sleep(0.05)
+    assert slow.blocked > slow.starved
+    info = make_path(tmp_path / "text", {"a": compressible(24 << 20)})
+    fast = NarStream(info, Encoding("zstd", 19))
+    async for _ in fast:
+        pass
+    assert fast.starved > fast.blocked
