@@ -111,7 +111,11 @@ in
     compression = mkOption {
       type = types.enum [ "zstd" "xz" "none" ];
       default = "zstd";
-      description = "NAR compression. zstd needs Nix >= 2.4 (or 2.3.17) on the machines that substitute.";
+      description = ''
+        NAR compression. zstd needs Nix >= 2.4 (or 2.3.17) on the machines that substitute. A NAR that would
+        shrink by less than 3 % is stored uncompressed. With zstd and no `compression_level` in `settings`,
+        the level adapts: 3, or 1 while compression is what holds uploads back.
+      '';
     };
 
     contentEncoding = mkOption {
