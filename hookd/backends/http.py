@@ -16,6 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, C
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from .. import __version__
 from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
 from .http11 import Body, Origin, ProtocolError
 from .retry import Remote, RetryableError, parse_retry_after, with_retries
@@ -70,7 +71,7 @@ class HttpBackend(Backend):
         parts = urlsplit(url)
         self.base = redact(url).rstrip("/")
         self.url = self.base
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = {"User-Agent": f"hookd/{__version__}"}
         if parts.username:
             self.headers["Authorization"] = _basic(parts.username, parts.password or "")
         if netrc_file is not None:
