@@ -114,7 +114,7 @@ in
       description = ''
         NAR compression. zstd needs Nix >= 2.4 (or 2.3.17) on the machines that substitute. A NAR that would
         shrink by less than 3 % is stored uncompressed. With zstd and no `compression_level` in `settings`,
-        the level adapts: 3, or 1 while compression is what holds uploads back.
+        the level adapts: 1 at first and while compression holds uploads back, 3 while the cache is slower.
       '';
     };
 
