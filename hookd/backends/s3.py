@@ -24,6 +24,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ class S3Backend(Backend):
         part_size: int = 16 << 20,
         part_concurrency: int = 2,
         remote: Remote | None = None,
+        nice: int = 0,
     ) -> None:
         remote = remote or Remote()
         if addressing not in ("auto", "path", "virtual"):
@@ -97,6 +99,8 @@ class S3Backend(Backend):
         self._ctxs: list[Any] = []
         self._client: Any = None
         self._bulk: Any = None  # NAR bytes: payload not hashed for the signature, Content-MD5 sent
+        self.nice = nice  # of the threads that join and checksum NAR bytes (like those that compress them)
+        self._sealer: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
         self._conditional: bool | None = None
         self._probe_lock = asyncio.Lock()
@@ -135,6 +139,9 @@ class S3Backend(Backend):
         return self.rate.congested
 
     async def close(self) -> None:
+        if self._sealer is not None:
+            self._sealer.shutdown(wait=False)
+            self._sealer = None
         ctxs, self._ctxs = self._ctxs, []
         self._client = self._bulk = None
         for ctx in ctxs:
@@ -268,14 +275,24 @@ class S3Backend(Backend):
         return max(self.part_size, -(-(size_hint + (size_hint >> 7) + (1 << 20)) // MAX_PARTS))
 
     def nar_memory(self, size_hint: int) -> int:
-        """What put_nar holds at most for a NAR of `size_hint` bytes: the parts in flight, the one
-        filling, and the one being joined (each up to a piece over part_size)."""
+        """The parts in flight, the one filling and the one being joined (each up to a piece over
+        part_size); below that, the NAR's pieces and their join."""
         part = self.nar_part_size(size_hint) + (1 << 20)
-        return min(size_hint + (size_hint >> 7) + (1 << 20), part * (self.part_concurrency + 2))
+        return min(2 * (size_hint + (size_hint >> 7) + (64 << 10)), part * (self.part_concurrency + 2))
+
+    async def _seal(self, pieces: list[bytes]) -> tuple[bytearray, str]:
+        """NAR bytes joined and checksummed by a worker thread as nice as the ones that compress them."""
+        if self._sealer is None:
+            from ..narstream import lower_thread_priority
+
+            self._sealer = ThreadPoolExecutor(
+                self.part_concurrency + 1, "s3-seal", initializer=lower_thread_priority, initargs=(self.nice,)
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._sealer, _seal, pieces)
 
     async def _put_bulk(self, key: str, pieces: list[bytes], extra: dict[str, Any]) -> None:
         """One PUT of NAR bytes, joined and checksummed off the loop."""
-        data, md5 = await asyncio.to_thread(_seal, pieces)
+        data, md5 = await self._seal(pieces)
         await self._call("put_object", key, bulk=True, Key=self._key(key), Body=data, ContentMD5=md5, **extra)
 
     async def _create(self, key: str, content_type: str) -> _Multipart:
@@ -391,7 +408,7 @@ class _Multipart:
     async def _part(self, number: int, pieces: list[bytes]) -> dict[str, Any]:
         b = self.backend
         try:
-            data, md5 = await asyncio.to_thread(_seal, pieces)
+            data, md5 = await b._seal(pieces)
             pieces.clear()  # the joined copy is what is sent (and sent again after a failure)
             res = await b._call(
                 "upload_part", self.key, bulk=True, Key=b._key(self.key), UploadId=self.upload_id,
