@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
@@ -157,6 +158,8 @@ class S3Backend(Backend):
 
         async def once() -> Any:
             client = await self._c(bulk)
+            if isinstance(kwargs.get("Body"), io.BytesIO):
+                kwargs["Body"].seek(0)  # sent again from its start after a failure
             try:
                 result = await getattr(client, op)(Bucket=self.bucket, **kwargs)
                 if op == "get_object":
@@ -280,7 +283,7 @@ class S3Backend(Backend):
         part = self.nar_part_size(size_hint) + (1 << 20)
         return min(2 * (size_hint + (size_hint >> 7) + (64 << 10)), part * (self.part_concurrency + 2))
 
-    async def _seal(self, pieces: list[bytes]) -> tuple[bytearray, str]:
+    async def _seal(self, pieces: list[bytes]) -> tuple[io.BytesIO, str]:
         """NAR bytes joined and checksummed by a worker thread as nice as the ones that compress them."""
         if self._sealer is None:
             from ..narstream import lower_thread_priority
@@ -428,11 +431,19 @@ class _Multipart:
         await self.backend._abort(self.key, self.upload_id)
 
 
-def _seal(pieces: list[bytes]) -> tuple[bytearray, str]:
+def _seal(pieces: list[bytes]) -> tuple[io.BytesIO, str]:
     """NAR bytes in one buffer, and their Content-MD5 (blocking, reads every byte: run it in a thread).
-    A bytearray: botocore hands bytes to aiohttp as a BytesIO, which copies them again on the loop."""
-    data = bytearray().join(pieces)
-    return data, base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+    A BytesIO that owns its buffer: aiohttp sends it 64 KiB at a time without copying it first (bytes
+    become a BytesIO sharing them, which aiohttp copies on the loop; a bytearray goes to the socket in
+    one write whose unsent rest the transport copies into its buffer, on the loop, a part's size more
+    memory per part in flight)."""
+    data = io.BytesIO()
+    for piece in pieces:
+        data.write(piece)
+    with data.getbuffer() as view:
+        md5 = hashlib.md5(view, usedforsecurity=False).digest()
+    return data, base64.b64encode(md5).decode()
 
 
 def _classify(what: str, e: Exception) -> None:
