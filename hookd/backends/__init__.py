@@ -56,7 +56,6 @@ def open_backend(url: str, cfg: Config | None = None) -> Backend:
             part_size=cfg.part_size,
             part_concurrency=cfg.part_concurrency,
             remote=remote,
-            nice=cfg.worker_nice,
         )
     if parts.scheme in ("http", "https"):
         from .http import HttpBackend

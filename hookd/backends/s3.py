@@ -77,7 +77,6 @@ class S3Backend(Backend):
         part_size: int = 16 << 20,
         part_concurrency: int = 2,
         remote: Remote | None = None,
-        nice: int = 0,
     ) -> None:
         remote = remote or Remote()
         if addressing not in ("auto", "path", "virtual"):
@@ -100,7 +99,6 @@ class S3Backend(Backend):
         self._ctxs: list[Any] = []
         self._client: Any = None
         self._bulk: Any = None  # NAR bytes: payload not hashed for the signature, Content-MD5 sent
-        self.nice = nice  # of the threads that join and checksum NAR bytes (like those that compress them)
         self._sealer: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
         self._conditional: bool | None = None
@@ -284,13 +282,12 @@ class S3Backend(Backend):
         return min(2 * (size_hint + (size_hint >> 7) + (64 << 10)), part * (self.part_concurrency + 2))
 
     async def _seal(self, pieces: list[bytes]) -> tuple[io.BytesIO, str]:
-        """NAR bytes joined and checksummed by a worker thread as nice as the ones that compress them."""
+        """NAR bytes joined and checksummed by a thread of the backend's own pool. Not niced like the
+        threads that compress: this is sending, which the loop used to do at its priority; niced, it
+        competed with the compressor for the same share and slowed 512 MiB of /usr/lib to radosgw
+        from 177-193 to 124-129 MiB/s (and 131-145 to 88-102), in turn in the same minutes."""
         if self._sealer is None:
-            from ..narstream import lower_thread_priority
-
-            self._sealer = ThreadPoolExecutor(
-                self.part_concurrency + 1, "s3-seal", initializer=lower_thread_priority, initargs=(self.nice,)
-            )
+            self._sealer = ThreadPoolExecutor(self.part_concurrency + 1, "s3-seal")
         return await asyncio.get_running_loop().run_in_executor(self._sealer, _seal, pieces)
 
     async def _put_bulk(self, key: str, pieces: list[bytes], extra: dict[str, Any]) -> None:
