@@ -52,7 +52,8 @@ def classify(path: str, error: BaseException, attempts: int, retry_base: float, 
 
 
 class ByteBudget:
-    """Bounds the NAR bytes being staged and uploaded at once (paths in flight are bounded apart)."""
+    """Bounds the memory uploads in flight hold, as footprint.py counts it (paths in flight are bounded
+    apart)."""
 
     def __init__(self, total: int) -> None:
         self.total = max(1, total)
