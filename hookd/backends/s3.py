@@ -96,6 +96,7 @@ class S3Backend(Backend):
         self.connect_timeout, self.read_timeout = remote.connect_timeout, remote.read_timeout
         self.max_connections = remote.max_connections
         self.policy, self.rate = remote.policy, remote.rate
+        self._session: Any = None
         self._ctxs: list[Any] = []
         self._client: Any = None
         self._bulk: Any = None  # NAR bytes: payload not hashed for the signature, Content-MD5 sent
@@ -106,16 +107,21 @@ class S3Backend(Backend):
         self.list_page = 1000  # keys per listing page (S3's maximum)
 
     async def _c(self, bulk: bool = False) -> Any:
+        """The client (made on first use: a GC or a verify never needs the bulk one)."""
         async with self._lock:
-            if self._client is None:
+            if self._session is None:
                 from aiobotocore.session import AioSession
 
-                session = AioSession(profile=self.profile)
+                self._session = AioSession(profile=self.profile)
                 if self.credentials_file is not None:
-                    session.set_config_variable("credentials_file", str(self.credentials_file))
-                self._client = await self._open(session, {})
-                self._bulk = await self._open(session, {"payload_signing_enabled": False})
-            return self._bulk if bulk else self._client
+                    self._session.set_config_variable("credentials_file", str(self.credentials_file))
+            if bulk:
+                if self._bulk is None:
+                    self._bulk = await self._open(self._session, {"payload_signing_enabled": False})
+                return self._bulk
+            if self._client is None:
+                self._client = await self._open(self._session, {})
+            return self._client
 
     async def _open(self, session: Any, s3: dict[str, Any]) -> Any:
         from aiobotocore.config import AioConfig
