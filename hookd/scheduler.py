@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from . import narinfo, narstream
+from . import footprint, narinfo, narstream
 from .backends import Backend, BackendError, PermanentBackendError
 from .backends.retry import backoff
 from .config import Config
@@ -51,7 +52,8 @@ def classify(path: str, error: BaseException, attempts: int, retry_base: float, 
 
 
 class ByteBudget:
-    """Bounds the NAR bytes being staged and uploaded at once (paths in flight are bounded apart)."""
+    """Bounds the memory uploads in flight hold, as footprint.py counts it (paths in flight are bounded
+    apart)."""
 
     def __init__(self, total: int) -> None:
         self.total = max(1, total)
@@ -122,10 +124,11 @@ class Scheduler:
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.outcomes: list[Outcome] = []
         self.bytes = ByteBudget(cfg.max_bytes_in_flight)
+        # threaded zstd uses every core already: more than one such stream per core only adds memory
+        self.workers = max(1, os.cpu_count() or 1)
+        self.threaded = asyncio.Semaphore(self.workers)
         start = min(START_PARALLEL, cfg.max_parallel)
         self.parallel = Parallelism(float(start), cfg.max_parallel, floor=start)
-        # what a streamed NAR holds in memory at most: the parts in flight and the one filling
-        self.stream_memory = max(cfg.part_size, cfg.multipart_threshold) * (cfg.part_concurrency + 1)
         self.levels = narstream.Levels(cfg.level, cfg.adaptive_level)
         self.wake = asyncio.Event()
         self.cache_ready = False
@@ -196,10 +199,21 @@ class Scheduler:
                 await asyncio.gather(*pending, return_exceptions=True)
         await self.flush()
 
+    def memory(self, info: PathInfo) -> tuple[int, bool]:
+        """What uploading `info` holds in memory at most (footprint.py), and whether it compresses
+        with threads."""
+        enc = narstream.encoding(self.cfg.compression, self.levels.current(), info.nar_size)
+        nar_buffer = self.backend.nar_memory(info.nar_size)
+        return footprint.upload_memory(info.nar_size, enc, self.workers, nar_buffer), enc.threaded
+
     async def upload(self, info: PathInfo) -> Uploaded:
         refs = any(r != info.path for r in info.references)
         elsewhere = await self.queue.upstream_references(info.path) if refs else set()
-        async with self.bytes.hold(min(info.nar_size, self.stream_memory)):
+        nbytes, threaded = self.memory(info)
+        async with contextlib.AsyncExitStack() as held:
+            if threaded:
+                await held.enter_async_context(self.threaded)
+            await held.enter_async_context(self.bytes.hold(nbytes))
             return await upload_path(
                 info,
                 self.backend,

@@ -4,6 +4,7 @@
 
 A `--fault-rate` share of requests fail: 500, 503, 429 (as S3 `SlowDown` with Retry-After when
 `--s3`), or a connection reset in the middle of the request body (PUT) or of the response body (GET).
+A `--corrupt-rate` share of PUT bodies reach the upstream with one byte changed (fault `corrupt`).
 `--delay-ms` adds latency to every request. Every request is logged as a JSON line with its start and
 end times, decision and status, so tests can check what was injected and in what order objects became
 visible.
@@ -40,9 +41,13 @@ S3_SLOWDOWN = (
 
 
 class Proxy:
-    def __init__(self, upstream: str, rate: float, delay: float, s3: bool, log: TextIO, seed: int) -> None:
+    def __init__(
+        self, upstream: str, rate: float, delay: float, s3: bool, log: TextIO, seed: int, corrupt: float = 0.0
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self.rate = rate
+        self.corrupt = corrupt
+        self.corrupt_rng = random.Random(seed + 1)  # its own: the other faults' sequence stays as it was
         self.delay = delay
         self.s3 = s3
         self.log = log
@@ -60,6 +65,8 @@ class Proxy:
             )
         start = time.time()
         fault = self.rng.choice(["500", "503", "429", "reset"]) if self.rng.random() < self.rate else None
+        if fault is None and request.method == "PUT" and request.content_length and self.corrupt:
+            fault = "corrupt" if self.corrupt_rng.random() < self.corrupt else None
         base = {
             "method": request.method,
             "path": request.path_qs,
@@ -89,7 +96,11 @@ class Proxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         if request.content_length is not None:
             headers["Content-Length"] = str(request.content_length)
-        data = request.content if request.can_read_body else None
+        data: object = request.content if request.can_read_body else None
+        if fault == "corrupt":
+            body = bytearray(await request.read())
+            body[len(body) // 2] ^= 0x01
+            data = bytes(body)
         async with self.session.request(
             request.method,
             self.upstream + request.path_qs,
@@ -131,9 +142,10 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true")
     ap.add_argument("--log", default="/dev/null")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--corrupt-rate", type=float, default=0.0)
     args = ap.parse_args()
     log = open(args.log, "a")  # noqa: SIM115 - open for the life of the process
-    proxy = Proxy(args.upstream, args.fault_rate, args.delay_ms / 1000, args.s3, log, args.seed)
+    proxy = Proxy(args.upstream, args.fault_rate, args.delay_ms / 1000, args.s3, log, args.seed, args.corrupt_rate)
     # bodies pass through as they are: a Content-Encoding (hookd's narinfos) is the endpoints' business
     app = web.Application(client_max_size=1 << 40, handler_args={"auto_decompress": False})
     app.router.add_route("*", "/{tail:.*}", proxy.handle)

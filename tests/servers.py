@@ -269,6 +269,7 @@ class FaultProxy(Process):
         delay_ms: float = 0.0,
         s3: bool = False,
         seed: int = 1,
+        corrupt: float = 0.0,
     ) -> None:
         port = free_port()
         self.events = workdir / f"proxy-{port}.jsonl"
@@ -288,6 +289,8 @@ class FaultProxy(Process):
             str(self.events),
             "--seed",
             str(seed),
+            "--corrupt-rate",
+            str(corrupt),
         ] + (["--s3"] if s3 else [])
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         super().__init__(argv, port, "fault proxy", workdir / f"proxy-{port}.log", env)

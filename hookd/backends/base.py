@@ -89,6 +89,12 @@ class Backend(abc.ABC):
         data = b"".join([chunk async for chunk in chunks])
         await self.put(key, data, content_type)
 
+    def nar_memory(self, size_hint: int) -> int:
+        """What put_nar (or put_new, for a small NAR) holds at most for a NAR of `size_hint` bytes, beyond
+        the piece it is handed: the scheduler's byte budget counts it. This default collects the whole
+        compressed NAR (at most about its size)."""
+        return size_hint
+
     @abc.abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[ObjectStat]: ...
 

@@ -148,6 +148,9 @@ class FileBackend(Backend):
         """A temp file linked into place: link(2) never replaces, so it says whether this created it."""
         return await asyncio.to_thread(self._write, key, data, False)
 
+    def nar_memory(self, size_hint: int) -> int:
+        return 0  # written piece by piece to a temp file
+
     async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
         """Stream into a temp file beside the NAR's name; after a normal end, fsync and link it into place
         (link never replaces: an existing NAR of this key holds the same bytes)."""

@@ -177,6 +177,9 @@ class HttpBackend(Backend):
         _put_answered(f"PUT {self.base}/{key}", status)
         return status == 201
 
+    def nar_memory(self, size_hint: int) -> int:
+        return 0  # streamed piece by piece as the body
+
     async def put_nar(self, key: str, chunks: AsyncIterable[bytes], content_type: str, size_hint: int) -> None:
         """One streamed PUT (chunked transfer encoding): the server commits the object only when the
         body's last chunk arrives, and that is sent only after the stream ended normally. If the stream
