@@ -5,6 +5,9 @@ The key scheme (why a NAR's key can be chosen before it is compressed):
 
     nar/<nix32 NarHash>[-<encoding tag>].nar<ext>     for example  nar/0a1b…-zstd3-1.5.7.nar.zst
 
+(and `nar/<nix32 NarHash>.nar` for a NAR stored as itself, when it does not compress: see WORTH; the
+same bytes Nix writes under that name)
+
 The tag names everything the compressed bytes depend on besides the NAR: the compressor, its level, its
 mode and job size (zstd's multi-threaded format differs from its single-threaded one, not from itself
 with another number of workers), and the library's version. Encoding is deterministic for a given tag (checked by
