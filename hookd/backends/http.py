@@ -122,12 +122,11 @@ class HttpBackend(Backend):
         what = f"{method} {self.base}/{key}"
         wanted = {"GET": 200, "PROPFIND": 207}.get(method)
         try:
-            async with self.origin.stream(method, self._target(key), headers, data) as (resp, chunks):
-                parts = [c async for c in chunks]
+            resp = await self.origin.request(method, self._target(key), headers, data, read_body=True)
         except TRANSIENT as e:
             raise _transient(what, e) from None
         _check_status(what, resp.status, resp.headers)
-        return resp.status, b"".join(parts) if resp.status == wanted else b"", resp.headers
+        return resp.status, resp.body if resp.status == wanted else b"", resp.headers
 
     async def _request(
         self, method: str, key: str, data: bytes | None = None, headers: dict[str, str] | None = None
