@@ -80,6 +80,15 @@ def parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
     return version, status, headers
 
 
+def framing(method: str, status: int, headers: dict[str, str]) -> str:
+    """How an answer's body is delimited: "none", "chunked", "length", or "to the end" (of the connection)."""
+    if method == "HEAD" or status in NO_BODY_STATUS:
+        return "none"
+    if headers.get("transfer-encoding", "").lower().endswith("chunked"):
+        return "chunked"
+    return "length" if "content-length" in headers else "to the end"
+
+
 @dataclass(eq=False)
 class Connection:
     reader: asyncio.StreamReader
@@ -184,7 +193,7 @@ class Origin:
                 raise
             if not done:
                 conn.abort()
-            elif keep and resp.headers.get("connection") != "close":
+            elif keep:
                 conn.idle_since = time.monotonic()
                 self._idle.append(conn)
             else:
@@ -231,7 +240,11 @@ class Origin:
             if status >= 200:
                 break  # 1xx: informational (100 Continue); the answer follows
         connection = resp_headers.get("connection", "").lower()
-        keep = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+        keep = (
+            "close" not in connection
+            and (version != "HTTP/1.0" or "keep-alive" in connection)
+            and framing(method, status, resp_headers) != "to the end"  # the body ends with the connection
+        )
         return Response(status, resp_headers), keep
 
     async def _send_chunked(self, conn: Connection, body: AsyncIterable[bytes]) -> None:
@@ -255,9 +268,10 @@ class Origin:
     async def _body(self, conn: Connection, method: str, resp: Response) -> AsyncIterator[bytes]:
         """The answer's body, as its framing says (none, chunked, a length, or up to the connection's end)."""
         reader = conn.reader
-        if method == "HEAD" or resp.status in NO_BODY_STATUS:
+        how = framing(method, resp.status, resp.headers)
+        if how == "none":
             return
-        if resp.headers.get("transfer-encoding", "").lower().endswith("chunked"):
+        if how == "chunked":
             while True:
                 line = await self._read(reader.readuntil(b"\r\n"))
                 try:
@@ -272,15 +286,14 @@ class Origin:
                     yield chunk
                 if await self._read(reader.readexactly(2)) != b"\r\n":
                     raise ProtocolError("a chunk does not end with CRLF")
-        elif "content-length" in resp.headers:
+        elif how == "length":
             try:
                 length = int(resp.headers["content-length"])
             except ValueError:
                 raise ProtocolError(f"bad Content-Length: {resp.headers['content-length'][:40]!r}") from None
             async for chunk in self._exactly(reader, length):
                 yield chunk
-        else:  # the body ends when the server closes the connection, which cannot be kept
-            resp.headers["connection"] = "close"
+        else:  # to the end: the body ends when the server closes the connection (not kept: _exchange)
             while chunk := await self._read(reader.read(READ)):
                 yield chunk
 
