@@ -57,7 +57,7 @@ class Config:
     """Group that owns the socket (mode 0660)."""
     max_bytes_in_flight: int = 128 << 20
     """Memory that uploads in flight may hold, counted as hookd/footprint.py says: a small NAR about
-    twice its size, a streamed one its compressor (threaded zstd: ~20 MiB) and what the backend
+    three times its size, a streamed one its compressor (threaded zstd: ~20 MiB) and what the backend
     buffers (S3: part_size times part_concurrency + 2; HTTP: nothing); nothing is staged on disk. An
     upload larger than this goes alone. The default keeps a whole closure's peak RSS near a single
     large path's without slowing a closure of many paths (measured, 487 /usr paths: 64 MiB was ~40 %

@@ -79,10 +79,10 @@ class Parallelism:
     """How many paths upload at once, adapted to the backend like TCP's window: doubling each round of
     uploads until the backend first shows strain (slow start), then one more per round while it keeps
     up, a quarter fewer (at most once a second) when it throttles or its answers slow down, never fewer
-    than `floor`. Latency-bound backends get many
-    paths in flight. (Below the floor, throttling is the request rate's business (AdaptiveRate): an
-    upload spends most of its time waiting, on the protocol's settle time or a slow link, not loading
-    the backend, and a shared server's latency swings would otherwise starve it.)"""
+    than `floor`. Latency-bound backends get many paths in flight. (Below the floor, throttling is the
+    request rate's business (AdaptiveRate): an upload spends most of its time waiting, on the
+    protocol's settle time or a slow link, not loading the backend, and a shared server's latency
+    swings would otherwise starve it.)"""
 
     limit: float
     ceiling: int
