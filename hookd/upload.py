@@ -63,19 +63,27 @@ async def put_nar(
     A small NAR is sent without asking first (a conditional write where the backend has one: one
     request either way); a large one is asked for, then streamed. Either is stored as itself when
     compressing it is not worth it (narstream.WORTH). A NAR that another upload of this daemon has
-    just written is not written again (Freshness.sole_writer).
+    just written is not written again (Freshness.sole_writer): a write is recorded before the next
+    writer of its key takes its turn, not when the upload that made it goes on to its narinfo.
     """
     enc = narstream.encoding(compression, levels.current(), info.nar_size)
     if info.nar_size <= narstream.SMALL_NAR:
         enc, data, encoded = await asyncio.to_thread(narstream.encode_small, info, enc, nice)
         key = enc.key(info.nar_hash)
         async with freshness.sole_writer(key):
+            began = time.monotonic()
             # fresh: written by this daemon, the same bytes (narstream.py), relied on like a reference
             created = not freshness.fresh(key) and await backend.put_new(key, data, NAR_CONTENT_TYPE)
+            if created:
+                freshness.wrote(key, began)
         return PutNar(key, enc.compression, created, encoded, encoded.file_size)
     enc = await asyncio.to_thread(narstream.sampled_encoding, info, enc)
     async with freshness.sole_writer(enc.key(info.nar_hash)):
-        return await _put_large(info, backend, enc, nice, levels)
+        began = time.monotonic()
+        put = await _put_large(info, backend, enc, nice, levels)
+        if put.created:
+            freshness.wrote(put.key, began)
+        return put
 
 
 async def _put_large(
@@ -136,7 +144,6 @@ async def upload_path(
     and encodes the narinfo.
     """
     ni_key = narinfo.narinfo_key(info.path)
-    started = time.monotonic()
     listed = asyncio.ensure_future(extras.write_listing(info)) if extras else None
     try:
         nar = await put_nar(info, backend, compression, levels, nice, freshness)
@@ -148,10 +155,8 @@ async def upload_path(
             with contextlib.suppress(BaseException):
                 await listed
     url = nar.key
-    if nar.created:
-        freshness.wrote(url, started)
-    # else an identical NAR was there already: touched and verified below (unless this daemon wrote or
-    # verified it recently), like a reference
+    # not created: an identical NAR was there already, touched and verified below (unless this daemon
+    # wrote or verified it recently), like a reference
     ni = make_narinfo(info, url, nar.compression, nar.encoded, nar.file_size)
     ni.sigs = [key.sign(ni.fingerprint())]
     body, enc = extras.narinfo_body(ni) if extras else (ni.render().encode(), None)

@@ -171,9 +171,12 @@ async def test_paths_with_one_nar_uploading_together_write_it_once_and_wait_for_
 ) -> None:
     """Identical NARs (same size: side by side in the queue's order) upload together: the first writes
     the NAR, the others rely on that write. Without that, each other one finds the NAR there, not
-    created by itself, and must touch it and wait out the protocol's settle time (44 s by default)."""
+    created by itself, and must touch it and wait out the protocol's settle time (44 s by default).
+    The listings answer later than the NAR: the first upload is still waiting for its own when the
+    next one takes its turn to write, so the NAR's write must count from the moment it lands."""
     from hookd.backends.file import FileBackend
     from hookd.freshness import Freshness
+    from hookd.publish import Extras
     from hookd.safety import Bounds
     from hookd.signing import SecretKey
     from hookd.upload import upload_path
@@ -198,6 +201,10 @@ async def test_paths_with_one_nar_uploading_together_write_it_once_and_wait_for_
             await super().put_nar(key, chunks, content_type, size_hint)
             await asyncio.sleep(0.3)
 
+        async def put(self, key: str, data: bytes, content_type: str, *, content_encoding: str | None = None) -> None:
+            await super().put(key, data, content_type, content_encoding=content_encoding)
+            await asyncio.sleep(1.0 if key.endswith(".ls") else 0)
+
     backend = Slow(tmp_path / "cache", fsync=False)
     (tmp_path / "cache").mkdir()
     bounds = Bounds()
@@ -205,7 +212,12 @@ async def test_paths_with_one_nar_uploading_together_write_it_once_and_wait_for_
     freshness = Freshness(backend, bounds)
     key = SecretKey.generate("test")
     async with asyncio.timeout(20):
-        done = await asyncio.gather(*(upload_path(i, backend, key, "zstd", narstream.Levels(3), freshness) for i in infos))
+        done = await asyncio.gather(
+            *(
+                upload_path(i, backend, key, "zstd", narstream.Levels(3), freshness, extras=Extras(backend))
+                for i in infos
+            )
+        )
     assert len(done) == 4 and freshness.touches == 0 and len(writes) == 1
     assert len(list((tmp_path / "cache" / "nar").iterdir())) == 1
     assert len(list((tmp_path / "cache").glob("*.narinfo"))) == 4
