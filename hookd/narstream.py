@@ -49,6 +49,9 @@ from .store import PathInfo
 SMALL_NAR = 4 << 20
 """NARs up to this size are encoded whole in memory and sent in one request, without asking first
 whether the cache has them: the PUT costs about what the question would."""
+INLINE_NAR = 64 << 10
+"""NARs up to this size are encoded (and listed) on the event loop, not in a worker thread: the hop
+there and back, with the GIL handed over twice, costs more than the work (tens of microseconds)."""
 THREADED_FROM = 16 << 20
 """zstd compresses NARs from this size with worker threads (one per core)."""
 JOB_MIB = 2

@@ -38,7 +38,6 @@ log = logging.getLogger("hookd")
 
 IDENTITY_KEY = "hookd-cache-id"
 SPOOL_POLL = 5.0
-PLAN_DELAY = 0.05  # gather the requests of a burst of builds into one `nix path-info` call
 
 
 class TrustedKeys:
@@ -181,15 +180,18 @@ class Planner:
         reqs = await self._plan_recorded(reqs)
         if not reqs:
             return Plan({}, set(), set(), set())
+        started = time.monotonic()
         roots = await self._roots(reqs)
         closure = await self.store.closure(dict.fromkeys(roots)) if roots else {}
-        checked_at = time.time()
+        checked_at, asked = time.time(), time.monotonic()
         # `hookd push` asks for certainty: its closure is checked against the cache, not local records
         trust = 0.0 if any(r.source == "cli" for r in reqs) else self.cfg.recheck_interval
         known, present, upstream = await self._locate(closure, trust)
+        located = time.monotonic()
         await self.queue.plan(
             [r.id for r in reqs], closure, {**dict.fromkeys(known, 0.0), **present}, upstream, checked_at
         )
+        queued = time.monotonic()
         # Keep young what was asked for again (GC retention counts from the last need); references
         # of new uploads are touched, if need be, right before their referrer is published.
         await self.refresh(p for p in roots if p in known or p in present)
@@ -201,8 +203,9 @@ class Planner:
             await self._upload_logs([r.drv for r in reqs if r.drv])
         log.info(
             "planned %d requests: closure of %d paths; %d recorded, %d already in the cache, %d upstream; "
-            "%d to upload",
+            "%d to upload (in %.3fs: store %.3fs, cache %.3fs, queue %.3fs)",
             len(reqs), len(closure), len(known), len(present), len(upstream), plan.to_upload,
+            time.monotonic() - started, asked - started, located - asked, queued - located,
         )  # fmt: skip
         return plan
 
@@ -379,10 +382,10 @@ async def run(
                 continue
             nxt = await planner.queue.next_request_time()
             timeout = SPOOL_POLL if nxt is None else max(0.05, min(SPOOL_POLL, nxt - time.time()))
+            # no delay to gather a burst: the requests that arrive while one batch is planned make the next
             await wait_event(wake, timeout)
             if not stopping.is_set():
                 await poll_spool()
-                await wait_event(stopping, PLAN_DELAY, clear=False)
         except Exception:
             log.exception("planner error; retrying in %gs", SPOOL_POLL)
             await wait_event(stopping, SPOOL_POLL, clear=False)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import derivation, encoding, listing, narinfo, storepath
+from . import derivation, encoding, listing, narinfo, narstream, storepath
 from . import realisation as realisations
 from .backends import Backend, BackendError
 from .backends.retry import backoff
@@ -47,7 +47,10 @@ class Extras:
         if not self.listings:
             return
         try:
-            doc = await asyncio.to_thread(listing.from_path, info.path)
+            if info.nar_size <= narstream.INLINE_NAR:  # less work than the hop to a thread and back
+                doc = listing.from_path(info.path)
+            else:
+                doc = await asyncio.to_thread(listing.from_path, info.path)
         except listing.ListingError as e:  # a name JSON cannot hold: Nix writes no listing either
             log.warning("no listing for %s: %s", info.path, e)
             return

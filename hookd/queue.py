@@ -597,31 +597,25 @@ class Queue:
 
     async def _block_referrers(self, paths: Iterable[str], now: float) -> None:
         """Block the queued referrers (transitively) of these paths, if they are failed, dropped or
-        blocked; and these paths themselves if one of their references is. Inside a transaction."""
-        todo = list(paths)
-        seen: set[str] = set()
+        blocked; and these paths themselves if one of their references is. Inside a transaction.
+
+        A few statements per round, whatever the number of paths (a plan queues whole closures): each
+        round checks the paths found so far, then goes on to the referrers of those that block."""
+        todo, expanded = set(paths), set()
         while todo:
-            path = todo.pop()
-            if path in seen:
-                continue
-            seen.add(path)
-            row = list(await self.db.execute_fetchall("SELECT state FROM paths WHERE path = ?", (path,)))
-            if not row:
-                continue
-            state = row[0][0]
-            if state in (PENDING, BLOCKED):  # is it blocked by one of its references?
-                cause = list(
-                    await self.db.execute_fetchall(
-                        "SELECT q.path, q.state, q.last_error FROM refs r JOIN paths q ON q.path = r.ref "
-                        f"WHERE r.path = ? AND r.ref != r.path AND q.state IN {sql_list(BLOCKING)} LIMIT 1",
-                        (path,),
-                    )
-                )
-                if not cause:
-                    continue
-                ref, ref_state, ref_error = cause[0]
-                root = ref_error if ref_state == BLOCKED and ref_error else f"blocked by {ref} ({ref_state})"
-                if state == PENDING:
+            states = await self._rows("SELECT path, state FROM paths WHERE path IN ", todo)
+            causes: dict[str, tuple[str, str, str | None]] = {}
+            for path, ref, ref_state, ref_error in await self._rows(
+                "SELECT r.path, q.path, q.state, q.last_error FROM refs r JOIN paths q ON q.path = r.ref "
+                f"WHERE r.ref != r.path AND q.state IN {sql_list(BLOCKING)} AND r.path IN ",
+                [p for p, state in states if state in (PENDING, BLOCKED)],
+            ):
+                causes.setdefault(path, (ref, ref_state, ref_error))
+            blocking = []
+            for path, state in states:
+                if path in causes and state == PENDING:
+                    ref, ref_state, ref_error = causes[path]
+                    root = ref_error if ref_state == BLOCKED and ref_error else f"blocked by {ref} ({ref_state})"
                     await self.db.execute(
                         f"UPDATE paths SET state = '{BLOCKED}', last_error = ?, updated = ? WHERE path = ?",
                         (root, now, path),
@@ -629,12 +623,19 @@ class Queue:
                     await self.db.execute(
                         "INSERT INTO events (time, path, event, detail) VALUES (?, ?, 'blocked', ?)", (now, path, root)
                     )
-                state = BLOCKED
-            if state in BLOCKING:
-                referrers = await self.db.execute_fetchall(
-                    "SELECT path FROM refs WHERE ref = ? AND path != ref", (path,)
-                )
-                todo.extend(r[0] for r in referrers)
+                    state = BLOCKED
+                if state in BLOCKING and path not in expanded:
+                    blocking.append(path)
+            expanded.update(blocking)
+            # a referrer checked before one of its references was blocked in this round is checked again
+            todo = {r for (r,) in await self._rows("SELECT path FROM refs WHERE path != ref AND ref IN ", blocking)}
+
+    async def _rows(self, sql: str, paths: Iterable[str]) -> list[tuple[Any, ...]]:
+        """`sql` ending in `IN `, for these paths (in chunks: SQLite bounds a statement's parameters)."""
+        out: list[tuple[Any, ...]] = []
+        for chunk in _chunks(list(paths)):
+            out.extend(tuple(r) for r in await self.db.execute_fetchall(sql + f"({','.join('?' * len(chunk))})", chunk))
+        return out
 
     @_serialized
     async def request_status(self, request_id: int) -> dict[str, Any] | None:

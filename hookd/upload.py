@@ -68,7 +68,10 @@ async def put_nar(
     """
     enc = narstream.encoding(compression, levels.current(), info.nar_size)
     if info.nar_size <= narstream.SMALL_NAR:
-        enc, data, encoded = await asyncio.to_thread(narstream.encode_small, info, enc, nice)
+        if info.nar_size <= narstream.INLINE_NAR:  # less work than the hop to a thread and back
+            enc, data, encoded = narstream.encode_small(info, enc)
+        else:
+            enc, data, encoded = await asyncio.to_thread(narstream.encode_small, info, enc, nice)
         key = enc.key(info.nar_hash)
         async with freshness.sole_writer(key):
             began = time.monotonic()
