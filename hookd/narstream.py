@@ -252,6 +252,8 @@ def encode(
             raise _Stopped
         nar_hash.update(chunk)
         nar_size += len(chunk)
+        if nar_size > info.nar_size:  # grown on disk: said at once, not after reading all of it
+            check(info, None, nar_size)
         if raw is not None:
             raw(chunk)
         if not feed:
@@ -298,17 +300,26 @@ def _as_itself(info: PathInfo, sink: Callable[[bytes], None], stopped: Callable[
             raise _Stopped
         nar_hash.update(chunk)
         nar_size += len(chunk)
+        if nar_size > info.nar_size:
+            check(info, None, nar_size)
         sink(chunk)
     check(info, nar_hash.digest(), nar_size)
     return Encoded(info.nar_hash, nar_size)
 
 
-def check(info: PathInfo, digest: bytes, size: int) -> None:
+def check(info: PathInfo, digest: bytes | None, size: int) -> None:
+    """Raise NarMismatchError unless the dump matched the store's record; `digest` None: the dump was
+    stopped at `size` bytes, past the recorded size."""
     if size != info.nar_size or digest != info.nar_hash:
+        disk = (
+            f"NarHash {nixbase32.format_hash(digest)}, NarSize {size}"
+            if digest is not None
+            else f"NarSize over {size}, stopped there"
+        )
         raise NarMismatchError(
             f"{info.path}: the contents on disk do not match the Nix store's record "
             f"(store: NarHash {nixbase32.format_hash(info.nar_hash)}, NarSize {info.nar_size}; "
-            f"disk: NarHash {nixbase32.format_hash(digest)}, NarSize {size}). The path was "
+            f"disk: {disk}). The path was "
             f"modified or corrupted after it was built; nothing was uploaded. Check it with "
             f"`nix-store --verify-path {info.path}` and repair it with `nix-store --repair-path`."
         )

@@ -127,6 +127,16 @@ def test_a_reused_compressor_gives_the_same_bytes(tmp_path: Path) -> None:
     assert narstream.encode_small(b, enc)[1] == fresh[b.path]
 
 
+def test_a_path_grown_on_disk_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    """A small path (encoded on the event loop) whose file became huge: the dump stops as soon as it
+    passes the recorded size."""
+    info = make_path(tmp_path, {"f": b"x" * 100})
+    os.truncate(Path(info.path) / "f", 8 << 30)  # sparse: 8 GiB to read, if it were read
+    for enc in (Encoding("zstd", 3), narstream.RAW):
+        with pytest.raises(NarMismatchError, match=r"NarSize over \d+, stopped there"):
+            narstream.encode_small(info, enc)
+
+
 async def test_stream_yields_the_encoding_and_raises_before_its_end_on_a_mismatch(tmp_path: Path) -> None:
     info = make_path(tmp_path, {"big": os.urandom(6 << 20), "text": compressible(3 << 20)})
     single = [p async for p in NarStream(info, Encoding("zstd", 3))]
