@@ -12,7 +12,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 MAGIC = b"nix-archive-1"
 CHUNK = 1 << 20
@@ -35,8 +35,21 @@ def dump(path: str | os.PathLike[str], chunk_size: int = CHUNK) -> Iterator[byte
     Small tokens are batched into one chunk of at most about 64 KiB; file contents are read and yielded
     `chunk_size` bytes at a time.
     """
+    return cast(Iterator[bytes], _batched(_dump_node(os.fsencode(path), chunk_size, None, top=True)))
+
+
+def dump_borrowed(path: str | os.PathLike[str], chunk_size: int = CHUNK) -> Iterator[memoryview]:
+    """`dump`, with file contents read into one buffer that is used again for the next read: a chunk is
+    valid only until the next one is asked for. For consumers that hash and compress each chunk at
+    once; no buffer is allocated per chunk (in the daemon, where glibc maps each buffer of 1 MiB and
+    more on its own, every fresh 1 MiB chunk was mapped, faulted in page by page and unmapped)."""
+    buf = memoryview(bytearray(chunk_size))
+    return (memoryview(c) for c in _batched(_dump_node(os.fsencode(path), chunk_size, buf, top=True)))
+
+
+def _batched(pieces: Iterator[bytes | memoryview | None]) -> Iterator[bytes | memoryview]:
     buf = bytearray()
-    for piece in _dump_node(os.fsencode(path), chunk_size, top=True):
+    for piece in pieces:
         if piece is None or (len(piece) >= _FLUSH and not buf):
             if buf:
                 yield bytes(buf)
@@ -52,7 +65,9 @@ def dump(path: str | os.PathLike[str], chunk_size: int = CHUNK) -> Iterator[byte
         yield bytes(buf)
 
 
-def _dump_node(path: bytes, chunk_size: int, top: bool = False) -> Iterator[bytes | None]:
+def _dump_node(
+    path: bytes, chunk_size: int, into: memoryview | None, top: bool = False
+) -> Iterator[bytes | memoryview | None]:
     """Yield tokens; a None asks the caller to flush what it has batched (before a large file body)."""
     if top:
         yield _token(MAGIC)
@@ -63,31 +78,39 @@ def _dump_node(path: bytes, chunk_size: int, top: bool = False) -> Iterator[byte
         if st.st_mode & stat.S_IXUSR:
             yield _token(b"executable") + _token(b"")
         yield _token(b"contents")
-        yield from _dump_contents(path, st.st_size, chunk_size)
+        yield from _dump_contents(path, st.st_size, chunk_size, into)
     elif stat.S_ISLNK(st.st_mode):
         yield _token(b"type") + _token(b"symlink") + _token(b"target") + _token(os.readlink(path))
     elif stat.S_ISDIR(st.st_mode):
         yield _token(b"type") + _token(b"directory")
         for name in sorted(os.listdir(path)):
             yield _token(b"entry") + _token(b"(") + _token(b"name") + _token(name) + _token(b"node")
-            yield from _dump_node(path + b"/" + name, chunk_size)
+            yield from _dump_node(path + b"/" + name, chunk_size, into)
             yield _token(b")")
     else:
         raise NarError(f"{os.fsdecode(path)}: cannot archive a file of type {stat.S_IFMT(st.st_mode):o}")
     yield _token(b")")
 
 
-def _dump_contents(path: bytes, size: int, chunk_size: int) -> Iterator[bytes | None]:
+def _dump_contents(
+    path: bytes, size: int, chunk_size: int, into: memoryview | None
+) -> Iterator[bytes | memoryview | None]:
     yield _U64.pack(size)
     if size > _FLUSH:
         yield None
     remaining = size
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         while remaining:
-            data = f.read(min(chunk_size, remaining))
-            if not data:
+            want = min(chunk_size, remaining)
+            if into is None:
+                data: bytes | memoryview = f.read(want)
+                n = len(data)
+            else:
+                n = f.readinto(into[:want])
+                data = into[:n]
+            if not n:
                 raise NarError(f"{os.fsdecode(path)}: file shrank while it was being archived")
-            remaining -= len(data)
+            remaining -= n
             yield data
         if f.read(1):
             raise NarError(f"{os.fsdecode(path)}: file grew while it was being archived")

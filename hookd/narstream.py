@@ -70,12 +70,12 @@ class NarMismatchError(Exception):
 
 
 class Compressor(Protocol):
-    def compress(self, data: bytes | bytearray) -> bytes: ...
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes: ...
     def flush(self) -> bytes: ...
 
 
 class _Identity:
-    def compress(self, data: bytes | bytearray) -> bytes:
+    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
         return bytes(data)
 
     def flush(self) -> bytes:
@@ -188,7 +188,7 @@ def sampled_encoding(info: PathInfo, enc: Encoding) -> Encoding:
     if enc.compression == "none":
         return enc
     sample = bytearray()
-    for chunk in nar.dump(info.path):
+    for chunk in nar.dump_borrowed(info.path):
         sample += chunk
         if len(sample) >= SAMPLE:
             break
@@ -240,14 +240,14 @@ def encode(
     feed = FEED_THREADED if enc.threaded else 0
     batch = bytearray()
 
-    def compress(data: bytes | bytearray) -> None:
+    def compress(data: bytes | bytearray | memoryview) -> None:
         nonlocal file_size
         if out := comp.compress(data):
             file_hash.update(out)
             file_size += len(out)
             sink(out)
 
-    for chunk in nar.dump(info.path):
+    for chunk in nar.dump_borrowed(info.path):  # each chunk hashed and compressed before the next read
         if stopped():
             raise _Stopped
         nar_hash.update(chunk)
@@ -255,7 +255,7 @@ def encode(
         if nar_size > info.nar_size:  # grown on disk: said at once, not after reading all of it
             check(info, None, nar_size)
         if raw is not None:
-            raw(chunk)
+            raw(bytes(chunk))
         if not feed:
             compress(chunk)
             continue

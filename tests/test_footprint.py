@@ -28,14 +28,16 @@ from .servers import ACCESS_KEY, SECRET_KEY, S3Server
 MiB = 1 << 20
 
 # Streams a 48 MiB file of ELF code (threaded zstd) to nothing, or to S3 through S3Backend.put_nar, in a
-# fresh interpreter; prints the peak RSS above what the process held once everything was loaded.
+# fresh interpreter with the daemon's malloc settings; prints the peak RSS above what the process held once everything was loaded.
 MEASURE = r"""
 import asyncio, hashlib, json, os, sys
 from hookd import nar, narstream
 from hookd.backends import open_backend
 from hookd.config import Config
+from hookd.daemon import tune_malloc
 from hookd.store import PathInfo
 
+tune_malloc()  # glibc set as in the daemon
 src, url = sys.argv[1], sys.argv[2]
 
 def status(field):

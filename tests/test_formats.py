@@ -59,6 +59,8 @@ def test_nar_dump_matches_nix(vectors: Path, tmp_path: Path) -> None:
     assert dumped == (vectors / "tree.nar").read_bytes()
     assert nixbase32.encode(hashlib.sha256(dumped).digest()) == "1l8hbbn680kldixnk8pwjnra56cf9d29z1n1x2mh1wdhrx6sjmlb"
     assert b"".join(nar.dump(tree / "hello.txt")) == (vectors / "hello.nar").read_bytes()
+    # the same bytes when each chunk is taken before the next read reuses the buffer
+    assert b"".join(bytes(c) for c in nar.dump_borrowed(tree, chunk_size=64)) == dumped
 
 
 def test_nar_dump_is_chunked(tmp_path: Path) -> None:
@@ -68,6 +70,7 @@ def test_nar_dump_is_chunked(tmp_path: Path) -> None:
     assert max(len(c) for c in chunks) <= 1 << 20
     node = nar.parse(io.BytesIO(b"".join(chunks)))
     assert isinstance(node, nar.Regular) and node.contents == big.read_bytes()
+    assert b"".join(bytes(c) for c in nar.dump_borrowed(big, chunk_size=1 << 20)) == b"".join(chunks)
 
 
 def test_nar_parse_and_restore(vectors: Path, tmp_path: Path) -> None:
