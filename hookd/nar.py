@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, cast
@@ -39,12 +40,39 @@ def dump(path: str | os.PathLike[str], chunk_size: int = CHUNK) -> Iterator[byte
 
 
 def dump_borrowed(path: str | os.PathLike[str], chunk_size: int = CHUNK) -> Iterator[memoryview]:
-    """`dump`, with file contents read into one buffer that is used again for the next read: a chunk is
-    valid only until the next one is asked for. For consumers that hash and compress each chunk at
-    once; no buffer is allocated per chunk (in the daemon, where glibc maps each buffer of 1 MiB and
-    more on its own, every fresh 1 MiB chunk was mapped, faulted in page by page and unmapped)."""
-    buf = memoryview(bytearray(chunk_size))
-    return (memoryview(c) for c in _batched(_dump_node(os.fsencode(path), chunk_size, buf, top=True)))
+    """`dump`, with the contents of large files read into a buffer that is used again for the next read:
+    a chunk is valid only until the next one is asked for. For consumers that hash and compress each
+    chunk at once; no buffer is allocated per chunk (in the daemon, where glibc maps each buffer of
+    1 MiB and more on its own, every fresh 1 MiB chunk was mapped, faulted in page by page and
+    unmapped). The buffer is this thread's, made once (a small NAR does not pay for clearing 1 MiB)."""
+    buffer = _Buffer(chunk_size)
+    try:
+        for c in _batched(_dump_node(os.fsencode(path), chunk_size, buffer, top=True)):
+            yield memoryview(c)
+    finally:
+        buffer.release()
+
+
+class _Buffer:
+    """A thread's read buffer, borrowed by one dump at a time (another dump on the same thread while
+    one holds it gets a fresh one)."""
+
+    _free = threading.local()
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._view: memoryview | None = None
+
+    def view(self) -> memoryview:
+        if self._view is None:
+            kept: memoryview | None = getattr(self._free, "view", None)
+            self._free.view = None
+            self._view = kept if kept is not None and len(kept) == self.size else memoryview(bytearray(self.size))
+        return self._view
+
+    def release(self) -> None:
+        if self._view is not None:
+            self._free.view, self._view = self._view, None
 
 
 def _batched(pieces: Iterator[bytes | memoryview | None]) -> Iterator[bytes | memoryview]:
@@ -66,7 +94,7 @@ def _batched(pieces: Iterator[bytes | memoryview | None]) -> Iterator[bytes | me
 
 
 def _dump_node(
-    path: bytes, chunk_size: int, into: memoryview | None, top: bool = False
+    path: bytes, chunk_size: int, into: _Buffer | None, top: bool = False
 ) -> Iterator[bytes | memoryview | None]:
     """Yield tokens; a None asks the caller to flush what it has batched (before a large file body)."""
     if top:
@@ -93,21 +121,22 @@ def _dump_node(
 
 
 def _dump_contents(
-    path: bytes, size: int, chunk_size: int, into: memoryview | None
+    path: bytes, size: int, chunk_size: int, into: _Buffer | None
 ) -> Iterator[bytes | memoryview | None]:
     yield _U64.pack(size)
     if size > _FLUSH:
         yield None
     remaining = size
+    view = into.view() if into is not None and size > _FLUSH else None  # small files: a read is cheaper
     with open(path, "rb", buffering=0) as f:
         while remaining:
             want = min(chunk_size, remaining)
-            if into is None:
+            if view is None:
                 data: bytes | memoryview = f.read(want)
                 n = len(data)
             else:
-                n = f.readinto(into[:want])
-                data = into[:n]
+                n = f.readinto(view[:want])
+                data = view[:n]
             if not n:
                 raise NarError(f"{os.fsdecode(path)}: file shrank while it was being archived")
             remaining -= n
