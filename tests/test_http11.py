@@ -191,14 +191,26 @@ async def test_every_wait_is_bounded_and_the_limit_holds() -> None:
         await o.close()
 
 
-async def test_a_garbled_answer_is_a_protocol_error() -> None:
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nok", "Content-Length"),
+    ],
+)
+async def test_a_garbled_answer_is_a_protocol_error(answer: bytes, error: str) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await srv.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        writer.write(answer)
         await writer.drain()
 
     async with Server(handler) as srv:
         o = srv.origin()
-        with pytest.raises(ProtocolError, match="chunk size"):
+        with pytest.raises(ProtocolError, match=error):
             await o.request("GET", "/x", read_body=True)
+        with pytest.raises(ProtocolError, match=error):
+            async with o.stream("GET", "/x") as (_, chunks):
+                async for _ in chunks:
+                    pass
         assert not o._idle

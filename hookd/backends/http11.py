@@ -32,6 +32,8 @@ IDLE_MAX = 4.0
 common use (Apache's 5 s), so the server rarely closes one under a request."""
 NO_BODY_STATUS = frozenset({204, 304})
 READ = 1 << 20
+ONE_WRITE = 64 << 10
+"""A request body up to this size goes out in one write with the request's head."""
 
 Body = bytes | AsyncIterable[bytes] | None
 
@@ -89,6 +91,13 @@ def framing(method: str, status: int, headers: dict[str, str]) -> str:
     return "length" if "content-length" in headers else "to the end"
 
 
+def content_length(headers: dict[str, str]) -> int:
+    value = headers["content-length"]
+    if not value.isdigit():
+        raise ProtocolError(f"bad Content-Length: {value[:40]!r}")
+    return int(value)
+
+
 @dataclass(eq=False)
 class Connection:
     reader: asyncio.StreamReader
@@ -141,11 +150,32 @@ class Origin:
         body: Body = None,
         read_body: bool = False,
     ) -> Response:
-        """Send a request and read its answer; its body only if `read_body` (else it is read and dropped)."""
-        async with self.stream(method, target, headers, body) as (resp, chunks):
-            parts = [c async for c in chunks]
+        """Send a request and read its answer; its body only if `read_body` (else it is read and dropped).
+        The common answer (no body, or a short one with a length) is read in one step, not through
+        `stream`'s iterators: most of a small upload's requests are answered so."""
+        if isinstance(body, AsyncIterable):
+            async with self.stream(method, target, headers, body) as (resp, chunks):
+                parts = [c async for c in chunks]
+                if read_body:
+                    resp.body = b"".join(parts)
+                return resp
+        async with self._slots:
+            conn, resp, keep = await self._send(method, target, headers, body)
+            try:
+                how = framing(method, resp.status, resp.headers)
+                length = content_length(resp.headers) if how == "length" else None
+                if how == "none" or length == 0:
+                    data = b""
+                elif length is not None and length <= READ:
+                    data = await self._read(conn.reader.readexactly(length))
+                else:  # chunked, long, or to the end of the connection
+                    data = b"".join([c async for c in self._body(conn, method, resp)])
+            except BaseException:
+                conn.abort()
+                raise
             if read_body:
-                resp.body = b"".join(parts)
+                resp.body = data
+            self._release(conn, keep)
             return resp
 
     @contextlib.asynccontextmanager
@@ -155,29 +185,8 @@ class Origin:
         """The answer's head and an iterator over its body. The connection goes back to the pool only if
         the body was read to its end; leaving early closes it. A streamed body that raises cuts the
         connection before the body's end, and its error propagates."""
-        replayable = not isinstance(body, AsyncIterable)
         async with self._slots:
-            conn = self._take(IDLE_MAX if replayable else STREAM_IDLE)
-            reused = conn is not None
-            try:
-                if conn is None:
-                    conn = await self._connect()
-                resp, keep = await self._exchange(conn, method, target, headers, body)
-            except (ConnectionError, asyncio.IncompleteReadError) as e:
-                if conn is not None:
-                    conn.abort()
-                if not (replayable and reused and not getattr(e, "partial", b"")):
-                    raise
-                conn = await self._connect()  # closed by the server while idle: once more, on a new one
-                try:
-                    resp, keep = await self._exchange(conn, method, target, headers, body)
-                except BaseException:
-                    conn.abort()
-                    raise
-            except BaseException:
-                if conn is not None:
-                    conn.abort()
-                raise
+            conn, resp, keep = await self._send(method, target, headers, body)
             done = False
 
             async def chunks() -> AsyncIterator[bytes]:
@@ -193,11 +202,45 @@ class Origin:
                 raise
             if not done:
                 conn.abort()
-            elif keep:
-                conn.idle_since = time.monotonic()
-                self._idle.append(conn)
             else:
-                conn.writer.close()
+                self._release(conn, keep)
+
+    async def _send(
+        self, method: str, target: str, headers: dict[str, str] | None, body: Body
+    ) -> tuple[Connection, Response, bool]:
+        """Send the request on a pooled or new connection and read the answer's head (once more on a new
+        connection if a reused one was closed under a request that can be sent again)."""
+        replayable = not isinstance(body, AsyncIterable)
+        conn = self._take(IDLE_MAX if replayable else STREAM_IDLE)
+        reused = conn is not None
+        try:
+            if conn is None:
+                conn = await self._connect()
+            resp, keep = await self._exchange(conn, method, target, headers, body)
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            if conn is not None:
+                conn.abort()
+            if not (replayable and reused and not getattr(e, "partial", b"")):
+                raise
+            conn = await self._connect()  # closed by the server while idle: once more, on a new one
+            try:
+                resp, keep = await self._exchange(conn, method, target, headers, body)
+            except BaseException:
+                conn.abort()
+                raise
+        except BaseException:
+            if conn is not None:
+                conn.abort()
+            raise
+        return conn, resp, keep
+
+    def _release(self, conn: Connection, keep: bool) -> None:
+        """An answer read to its end: the connection back to the pool, or closed."""
+        if keep:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.writer.close()
 
     def _take(self, max_idle: float) -> Connection | None:
         """The most recently idle connection fit for reuse; None if there is none."""
@@ -227,8 +270,11 @@ class Origin:
             await self._send_chunked(conn, body)
         else:
             data = body or b""
-            conn.writer.write(request_head(method, target, self.host_header, hdrs, len(data)))
-            if data:
+            head = request_head(method, target, self.host_header, hdrs, len(data))
+            if len(data) <= ONE_WRITE:  # one send, one segment for the server to wake up to
+                conn.writer.write(head + data)
+            else:
+                conn.writer.write(head)
                 conn.writer.write(data)
             await self._drain(conn)
         while True:
@@ -262,6 +308,8 @@ class Origin:
         await self._drain(conn)
 
     async def _drain(self, conn: Connection) -> None:
+        if not conn.writer.transport.get_write_buffer_size() and not conn.writer.is_closing():
+            return  # all of it went out at once: nothing to wait for (nor a timer to set)
         async with asyncio.timeout(self.read_timeout):
             await conn.writer.drain()
 
@@ -287,11 +335,7 @@ class Origin:
                 if await self._read(reader.readexactly(2)) != b"\r\n":
                     raise ProtocolError("a chunk does not end with CRLF")
         elif how == "length":
-            try:
-                length = int(resp.headers["content-length"])
-            except ValueError:
-                raise ProtocolError(f"bad Content-Length: {resp.headers['content-length'][:40]!r}") from None
-            async for chunk in self._exactly(reader, length):
+            async for chunk in self._exactly(reader, content_length(resp.headers)):
                 yield chunk
         else:  # to the end: the body ends when the server closes the connection (not kept: _exchange)
             while chunk := await self._read(reader.read(READ)):
