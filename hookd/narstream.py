@@ -193,8 +193,10 @@ def sampled_encoding(info: PathInfo, enc: Encoding) -> Encoding:
         if len(sample) >= SAMPLE:
             break
     del sample[SAMPLE:]
-    comp = Encoding(enc.compression, enc.level).compressor()
+    single = Encoding(enc.compression, enc.level)
+    comp = _reused.by_encoding.pop(single, None) or single.compressor()
     compressed = len(comp.compress(sample)) + len(comp.flush())
+    _reuse(single, comp)
     return enc if worth_compressing(len(sample), compressed) else RAW
 
 
