@@ -252,8 +252,8 @@ def tune_malloc() -> None:
     NAR to S3). The threshold is above the 1 MiB pieces a NAR is read, compressed and sent in: at
     1 MiB, every piece was mapped, faulted in page by page and unmapped, a quarter of the CPU that
     encoding the /usr corpus took (measured: 4.5 CPU-seconds for 1 GiB, 3.5 at 4 MiB with one or two
-    heaps, peak RSS 65 and 80 MiB; uploading it to moto, one heap peaked lower). No-op elsewhere than
-    glibc.
+    heaps; peak RSS 65 MiB, against 79-85; uploading it to moto, one heap peaked lower than two, 144
+    MiB against 147-151). No-op elsewhere than glibc.
     """
     import ctypes
 

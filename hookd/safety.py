@@ -21,7 +21,9 @@ What an uploader does for a path P (`Uploader.publish` in `upload.py`, `Freshnes
 3. If anything was touched: wait `settle` (below) after the last touch completed.
 4. Check that every touched object still exists. One that is missing goes back to step 2's queue.
 5. Put P's narinfo, sent less than `grace/2` after the earliest write or verified touch it relies on
-   (otherwise back to step 2), with a request timeout of `request_timeout`.
+   (otherwise back to step 2), with a request timeout of `request_timeout`. Like a NAR's, this PUT is
+   a write that P's referrers may rely on only if an existence check just before found the key absent;
+   if a narinfo was there (another uploader's, maybe old, maybe being deleted by a GC), it is a touch.
 A reference's NAR and its own references need no touch: a GC that spares a narinfo spares its NAR and
 its closure (below), and one that deletes it does so before step 4 can pass.
 

@@ -147,16 +147,23 @@ async def upload_path(
     and encodes the narinfo.
     """
     ni_key = narinfo.narinfo_key(info.path)
-    listed = asyncio.ensure_future(extras.write_listing(info)) if extras else None
+    # The narinfo's PUT counts as this daemon's write (its referrers rely on it without a touch) only if
+    # the key was absent when asked, well within the grace period before the PUT: a PUT that replaced a
+    # narinfo already there is only a touch, and a GC delete decided on that earlier one may still land
+    # after it (safety.py, step 5). A narinfo another uploader creates after the question is young.
+    asked = time.monotonic()
+    beside = [asyncio.ensure_future(backend.stat(ni_key))]  # asked beside the NAR's upload, like the listing
+    if extras:
+        beside.append(asyncio.ensure_future(extras.write_listing(info)))
     try:
         nar = await put_nar(info, backend, compression, levels, nice, freshness)
-        if listed:
-            await listed
+        there, *_ = await asyncio.gather(*beside)
     finally:
-        if listed and not listed.done():
-            listed.cancel()
-            with contextlib.suppress(BaseException):
-                await listed
+        for task in beside:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
     url = nar.key
     # not created: an identical NAR was there already, touched and verified below (unless this daemon
     # wrote or verified it recently), like a reference
@@ -182,5 +189,6 @@ async def upload_path(
     published, written = time.monotonic(), time.time()
     async with asyncio.timeout(freshness.bounds.request_timeout):
         await backend.put(ni_key, body, narinfo.CONTENT_TYPE, content_encoding=enc)
-    freshness.wrote(ni_key, published)
+    if there is None and published - asked < freshness.bounds.fresh_for:
+        freshness.wrote(ni_key, published)
     return Uploaded(info.path, info.nar_size, nar.file_size, written)
