@@ -261,3 +261,42 @@ async def test_a_stream_measures_who_waited(tmp_path: Path) -> None:
     async for _ in fast:
         pass
     assert fast.starved > fast.blocked
+
+
+async def test_a_narinfo_put_over_one_already_there_is_only_a_touch(tmp_path: Path) -> None:
+    """safety.py, step 5: re-putting a narinfo that is already there (another uploader's, maybe old and
+    being deleted by a GC) does not make it this daemon's write; a referrer published next touches and
+    checks it first. Seen in CI: a retried upload re-put an old narinfo just before a GC's delete of
+    it landed, relied on it as fresh, and published its referrer without it."""
+    from hookd import narinfo
+    from hookd.backends.file import FileBackend
+    from hookd.freshness import Freshness
+    from hookd.safety import Bounds
+    from hookd.signing import SecretKey
+    from hookd.upload import upload_path
+
+    ref = make_path(tmp_path / "r", {"f": b"reference"})
+    top = make_path(tmp_path / "t", {"g": b"referrer"})
+    ref = PathInfo(str(Path(ref.path).rename(tmp_path / "r" / f"{'r' * 32}-ref")), ref.nar_hash, ref.nar_size, ())
+    top_path = str(Path(top.path).rename(tmp_path / "t" / f"{'t' * 32}-top"))
+    top = PathInfo(top_path, top.nar_hash, top.nar_size, (ref.path,))
+    (tmp_path / "cache").mkdir()
+    backend = FileBackend(tmp_path / "cache", fsync=False)
+    freshness = Freshness(backend, Bounds(grace=10, check_to_delete=0.1, request_timeout=0.5, max_skew=1))
+    key = SecretKey.generate("test")
+    ref_key = narinfo.narinfo_key(ref.path)
+    await backend.put(ref_key, b"an older narinfo of the same path", narinfo.CONTENT_TYPE)
+
+    await upload_path(ref, backend, key, "zstd", narstream.Levels(3), freshness)
+    assert not freshness.fresh(ref_key) and freshness.touches == 0
+    await upload_path(top, backend, key, "zstd", narstream.Levels(3), freshness)
+    assert freshness.touches == 1 and freshness.fresh(ref_key)  # touched and checked, then relied on
+
+    # without one there before, the narinfo is this daemon's write: relied on without a touch
+    (tmp_path / "empty").mkdir()
+    backend = FileBackend(tmp_path / "empty", fsync=False)
+    fresh = Freshness(backend, freshness.bounds)
+    await upload_path(ref, backend, key, "zstd", narstream.Levels(3), fresh)
+    assert fresh.fresh(ref_key)
+    await upload_path(top, backend, key, "zstd", narstream.Levels(3), fresh)
+    assert fresh.touches == 0
