@@ -497,11 +497,7 @@ class Queue:
         )
 
     async def _select_paths(self, sql: str, paths: Iterable[str], arg: float) -> set[str]:
-        out: set[str] = set()
-        for chunk in _chunks(list(paths)):
-            rows = await self.db.execute_fetchall(sql + f"({','.join('?' * len(chunk))})", (arg, *chunk))
-            out.update(r[0] for r in rows)
-        return out
+        return {r[0] for r in await self._rows(sql, paths, arg)}
 
     # --- paths --------------------------------------------------------------------------------------
 
@@ -630,11 +626,13 @@ class Queue:
             # a referrer checked before one of its references was blocked in this round is checked again
             todo = {r for (r,) in await self._rows("SELECT path FROM refs WHERE path != ref AND ref IN ", blocking)}
 
-    async def _rows(self, sql: str, paths: Iterable[str]) -> list[tuple[Any, ...]]:
-        """`sql` ending in `IN `, for these paths (in chunks: SQLite bounds a statement's parameters)."""
+    async def _rows(self, sql: str, paths: Iterable[str], *args: object) -> list[tuple[Any, ...]]:
+        """`sql` ending in `IN `, for these paths, with `args` before them (in chunks: SQLite bounds a
+        statement's parameters)."""
         out: list[tuple[Any, ...]] = []
         for chunk in _chunks(list(paths)):
-            out.extend(tuple(r) for r in await self.db.execute_fetchall(sql + f"({','.join('?' * len(chunk))})", chunk))
+            rows = await self.db.execute_fetchall(sql + f"({','.join('?' * len(chunk))})", (*args, *chunk))
+            out.extend(tuple(r) for r in rows)
         return out
 
     @_serialized
