@@ -98,8 +98,8 @@ class Daemon:
         tune_malloc()
         self._prepare_dirs()
         queue = self.queue = await Queue.open(self.cfg.db_path, self.cfg.store_dir)
-        planner = Planner(self.cfg, queue, self.store, self.backend, self.metrics)
         scheduler = self.scheduler = Scheduler(self.cfg, queue, self.backend, self.key, self.metrics)
+        planner = Planner(self.cfg, queue, self.store, self.backend, self.metrics, scheduler.freshness)
         planner.on_gone = scheduler.wake.set
         realisations = Realisations(self.cfg, queue, self.store, self.backend, self.key, scheduler.freshness)
         realisations.on_gone = scheduler.wake.set
@@ -124,10 +124,9 @@ class Daemon:
                 metrics_runner = await serve_metrics(self.metrics, self.cfg.metrics_listen, self._refresh_gauges)
 
             def planned() -> None:
-                if planner.new_cache:  # a new or emptied cache needs its nix-cache-info again, and
-                    planner.new_cache = False  # nothing written to the old one may be relied on
+                if planner.new_cache:  # a new or emptied cache needs its nix-cache-info again
+                    planner.new_cache = False  # (the planner made the scheduler's Freshness forget the old one)
                     scheduler.cache_ready = False
-                    scheduler.freshness.forget()
                 scheduler.wake.set()
 
             tasks = [

@@ -26,6 +26,7 @@ class Freshness:
         self.backend = backend
         self.bounds = bounds
         self.verified: dict[str, float] = {}  # key -> monotonic start of the write or verified touch
+        self._absent: dict[str, float] = {}  # key -> monotonic start of a question that found it absent
         self._running: dict[str, asyncio.Task[bool]] = {}
         self._gate = asyncio.Semaphore(concurrency)
         self._writers: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -56,6 +57,22 @@ class Freshness:
             else:
                 self._writers[key] = (lock, users - 1)
 
+    def found_absent(self, keys: Iterable[str], asked: float) -> None:
+        """A question sent at `asked` (time.monotonic()), a stat or a listing, found `keys` absent: a
+        PUT of one soon after creates it (safety.py, step 5), without asking again."""
+        for key in keys:
+            self._absent.pop(key, None)
+            self._absent[key] = asked
+        old = time.monotonic() - self.bounds.fresh_for
+        while self._absent and next(iter(self._absent.values())) < old:  # oldest first, roughly
+            del self._absent[next(iter(self._absent))]
+
+    def absent_since(self, key: str) -> float | None:
+        """When a question that found `key` absent was sent, if it leaves a PUT starting now most of
+        the protocol's window (half of `fresh_for`) to be sent as a creation."""
+        asked = self._absent.get(key)
+        return asked if asked is not None and time.monotonic() - asked < self.bounds.fresh_for / 2 else None
+
     def restore(self, written: dict[str, float]) -> None:
         """Objects this daemon wrote before a restart, by key, with the wall-clock time each write began."""
         offset = time.monotonic() - time.time()
@@ -65,6 +82,7 @@ class Freshness:
     def forget(self) -> None:
         """The cache was emptied or replaced: nothing written to it before may be relied on."""
         self.verified.clear()
+        self._absent.clear()
 
     def fresh(self, key: str, margin: float = 0.0) -> bool:
         """Whether `key` may be relied on for at least `margin` more seconds without a touch."""

@@ -28,6 +28,7 @@ from . import encoding, narinfo
 from .backends import Backend, BackendError, open_backend
 from .backends.retry import backoff
 from .config import Config
+from .freshness import Freshness
 from .metrics import Metrics
 from .publish import Realisations, drvs_of
 from .queue import Queue, Request
@@ -108,9 +109,16 @@ LISTING_GAIN = 50
 
 class Planner:
     def __init__(
-        self, cfg: Config, queue: Queue, store: Store, backend: Backend, metrics: Metrics | None = None
+        self,
+        cfg: Config,
+        queue: Queue,
+        store: Store,
+        backend: Backend,
+        metrics: Metrics | None = None,
+        freshness: Freshness | None = None,
     ) -> None:
         self.cfg = cfg
+        self.freshness = freshness  # told which narinfos were found absent: their uploads need not ask again
         self.metrics = metrics or Metrics()
         self.queue = queue
         self.store = store
@@ -152,6 +160,8 @@ class Planner:
                 self.backend.url,
             )
         await self.queue.set_cache_identity(identity)
+        if self.freshness is not None:  # nothing written to the old cache may be relied on
+            self.freshness.forget()
         self.new_cache = True
 
     # --- planning -----------------------------------------------------------------------------------
@@ -277,19 +287,24 @@ class Planner:
         says whether a GC could soon take it): from a listing of the cache's top level when that takes
         at most one request per LISTING_GAIN paths (S3, a large closure), else one narinfo check each,
         concurrent and bounded."""
+        asked = time.monotonic()  # before any question is sent
+        keys = {narinfo.narinfo_key(i.path): i.path for i in infos}
+        found: dict[str, float] | None = None
         if len(infos) >= 2 * LISTING_GAIN:
-            keys = {narinfo.narinfo_key(i.path): i.path for i in infos}
             listed = await self.backend.stat_top(keys, len(infos) // LISTING_GAIN)
             if listed is not None:
-                return {keys[k]: obj.mtime for k, obj in listed.items()}
+                found = {keys[k]: obj.mtime for k, obj in listed.items()}
 
-        async def check(info: PathInfo) -> tuple[str, float] | None:
+        async def check(key: str, path: str) -> tuple[str, float] | None:
             async with self.gate:
-                obj = await self.backend.stat(narinfo.narinfo_key(info.path))
-                return (info.path, obj.mtime) if obj is not None else None
+                obj = await self.backend.stat(key)
+                return (path, obj.mtime) if obj is not None else None
 
-        found = await asyncio.gather(*(check(i) for i in infos))
-        return dict(f for f in found if f)
+        if found is None:
+            found = dict(f for f in await asyncio.gather(*(check(k, p) for k, p in keys.items())) if f)
+        if self.freshness is not None:
+            self.freshness.found_absent((k for k, p in keys.items() if p not in found), asked)
+        return found
 
     async def _in_upstream(self, infos: Sequence[PathInfo]) -> set[str]:
         cached = await self.queue.upstream_answers(

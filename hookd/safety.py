@@ -22,8 +22,9 @@ What an uploader does for a path P (`Uploader.publish` in `upload.py`, `Freshnes
 4. Check that every touched object still exists. One that is missing goes back to step 2's queue.
 5. Put P's narinfo, sent less than `grace/2` after the earliest write or verified touch it relies on
    (otherwise back to step 2), with a request timeout of `request_timeout`. Like a NAR's, this PUT is
-   a write that P's referrers may rely on only if an existence check just before found the key absent;
-   if a narinfo was there (another uploader's, maybe old, maybe being deleted by a GC), it is a touch.
+   a write that P's referrers may rely on only if an existence check sent less than `grace/2` before
+   it (the planner's, or one beside the NAR's upload) found the key absent; if a narinfo was there
+   (another uploader's, maybe old, maybe being deleted by a GC), it is a touch.
 A reference's NAR and its own references need no touch: a GC that spares a narinfo spares its NAR and
 its closure (below), and one that deletes it does so before step 4 can pass.
 
@@ -54,7 +55,8 @@ on O when it publishes P, sent before t + grace/2 and landing before t + grace/2
   t + grace/2 + R, makes its last stat by its start + grace/2 - R < t + grace.
 - A write that created O: while the key was absent, every delete decided on an earlier object of
   the key had landed (one delete per stat, one GC at a time), and an object another uploader
-  created there since is younger than O's write, so no delete of it is pending.
+  created there since the check is younger than `grace/2` when O's write is sent, so no stat before
+  O's write landed can have found it old: no delete of it is pending.
 - Referrers first makes "spared means the closure is spared" sound: a reference is deleted only
   after each of its referrers in the listing has been deleted; a referrer found young is a root.
 - NARs are decided after every narinfo, against the narinfos that remain; a NAR of a narinfo

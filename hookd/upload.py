@@ -151,15 +151,20 @@ async def upload_path(
     # the key was absent when asked, well within the grace period before the PUT: a PUT that replaced a
     # narinfo already there is only a touch, and a GC delete decided on that earlier one may still land
     # after it (safety.py, step 5). A narinfo another uploader creates after the question is young.
-    asked = time.monotonic()
-    beside = [asyncio.ensure_future(backend.stat(ni_key))]  # asked beside the NAR's upload, like the listing
+    # The planner's question usually answers it (Freshness.found_absent); else it is asked beside the
+    # NAR's upload, like the listing.
+    beside: dict[str, asyncio.Future[object]] = {}
+    if (asked := freshness.absent_since(ni_key)) is None:
+        asked = time.monotonic()
+        beside["there"] = asyncio.ensure_future(backend.stat(ni_key))
     if extras:
-        beside.append(asyncio.ensure_future(extras.write_listing(info)))
+        beside["listing"] = asyncio.ensure_future(extras.write_listing(info))
     try:
         nar = await put_nar(info, backend, compression, levels, nice, freshness)
-        there, *_ = await asyncio.gather(*beside)
+        await asyncio.gather(*beside.values())
+        there = beside["there"].result() if "there" in beside else None
     finally:
-        for task in beside:
+        for task in beside.values():
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):

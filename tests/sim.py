@@ -241,9 +241,11 @@ class Uploader:
                 for p in closure(self.infos, [root]):
                     if p in self.done:
                         continue
+                    asked = time.monotonic()
                     if await self.bucket.stat(narinfo.narinfo_key(p)) is not None:
                         self.done.add(p)  # found, not written: it will be touched before it is relied on
                         continue
+                    self.freshness.found_absent([narinfo.narinfo_key(p)], asked)  # as the planner does
                     await upload_path(self.infos[p], self.bucket, self.key, "none", Levels(0), self.freshness)
                     self.uploads += 1
                     self.done.add(p)

@@ -300,3 +300,65 @@ async def test_a_narinfo_put_over_one_already_there_is_only_a_touch(tmp_path: Pa
     assert fresh.fresh(ref_key)
     await upload_path(top, backend, key, "zstd", narstream.Levels(3), fresh)
     assert fresh.touches == 0
+
+
+async def test_a_narinfo_the_planner_found_absent_is_not_asked_for_again(tmp_path: Path) -> None:
+    """safety.py, step 5, with the planner's question: a narinfo found absent lately is put without
+    a second question and counts as this daemon's write, if its PUT goes out within `fresh_for` of
+    the question; a PUT later than that (a slow upload) is only a touch, and an answer older than
+    half of `fresh_for` is asked again beside the NAR's upload."""
+    import time
+
+    from hookd import narinfo
+    from hookd.backends.file import FileBackend
+    from hookd.freshness import Freshness
+    from hookd.safety import Bounds
+    from hookd.signing import SecretKey
+    from hookd.upload import upload_path
+
+    class Counting(FileBackend):
+        asked: list[str] = []
+        nar_delay = 0.0
+
+        async def stat(self, key: str):  # type: ignore[no-untyped-def]
+            self.asked.append(key)
+            return await super().stat(key)
+
+        async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
+            await asyncio.sleep(self.nar_delay)
+            return await super().put_new(key, data, content_type)
+
+    ref = make_path(tmp_path / "r", {"f": b"reference"})
+    ref = PathInfo(str(Path(ref.path).rename(tmp_path / "r" / f"{'r' * 32}-ref")), ref.nar_hash, ref.nar_size, ())
+    top = make_path(tmp_path / "t", {"g": b"referrer"})
+    top = PathInfo(str(Path(top.path).rename(tmp_path / "t" / f"{'t' * 32}-top")), top.nar_hash, top.nar_size,
+                   (ref.path,))  # fmt: skip
+    ref_key, key = narinfo.narinfo_key(ref.path), SecretKey.generate("test")
+    bounds = Bounds(grace=2, check_to_delete=0.01, request_timeout=0.05, max_skew=0)  # fresh_for 1 s
+
+    def cache(name: str) -> tuple[Counting, Freshness]:
+        (tmp_path / name).mkdir()
+        backend = Counting(tmp_path / name, fsync=False)
+        backend.asked = []
+        return backend, Freshness(backend, bounds)
+
+    backend, fresh = cache("answered")
+    fresh.found_absent([ref_key], time.monotonic())
+    await upload_path(ref, backend, key, "zstd", narstream.Levels(3), fresh)
+    assert ref_key not in backend.asked and fresh.fresh(ref_key)
+    await upload_path(top, backend, key, "zstd", narstream.Levels(3), fresh)
+    assert fresh.touches == 0  # relied on as this daemon's write
+
+    backend, fresh = cache("old answer")  # too old to start from: asked again
+    fresh.found_absent([ref_key], time.monotonic() - 0.6)
+    await upload_path(ref, backend, key, "zstd", narstream.Levels(3), fresh)
+    assert ref_key in backend.asked and fresh.fresh(ref_key)
+
+    backend, fresh = cache("slow")  # the PUT goes out more than fresh_for after the question: a touch
+    fresh.found_absent([ref_key], time.monotonic() - 0.4)
+    backend.nar_delay = 0.7
+    await upload_path(ref, backend, key, "zstd", narstream.Levels(3), fresh)
+    assert ref_key not in backend.asked and not fresh.fresh(ref_key)
+    backend.nar_delay = 0.0
+    await upload_path(top, backend, key, "zstd", narstream.Levels(3), fresh)
+    assert fresh.touches == 1 and fresh.fresh(ref_key)  # touched and checked before it was relied on

@@ -151,8 +151,9 @@ async def test_the_daemon_in_process_with_a_gc(tmp_path: Path, seed: int) -> Non
     cfg.state_dir.mkdir()
     queue = await Queue.open(cfg.db_path, cfg.store_dir)
     metrics = Metrics()
-    planner = Planner(cfg, queue, FakeStore(infos), bucket, metrics)  # type: ignore[arg-type]
     scheduler = Scheduler(cfg, queue, bucket, SecretKey.generate("sim-1"), metrics)
+    # the planner tells the uploads which narinfos it found absent, as in the daemon
+    planner = Planner(cfg, queue, FakeStore(infos), bucket, metrics, scheduler.freshness)  # type: ignore[arg-type]
     stopping, wake, gc_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def no_spool() -> int:
