@@ -88,6 +88,7 @@ class Daemon:
         self.stopping.set()
         self.plan_wake.set()
         if self.scheduler is not None:
+            self.scheduler.stop_starting()
             self.scheduler.wake.set()
 
     async def run(self) -> None:
@@ -153,6 +154,7 @@ class Daemon:
             await intake.stop()
             await queue.close()
             await planner.close()
+            await self.store.close()
             await self.backend.close()
             self._release_lock()
         log.info("hookd stopped")

@@ -8,6 +8,7 @@ tests against a fake store and bucket.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -122,6 +123,10 @@ class Scheduler:
         self.freshness = freshness or Freshness(backend, cfg.bounds)
         self.extras = Extras(backend, cfg.listings, cfg.content_encoding)
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        # Started in the queue, not yet here: an upload that ends starts the next at once, without the
+        # step's transaction in between (which takes longer than a small path's whole upload).
+        self.ready: collections.deque[PathInfo] = collections.deque()
+        self.stopping = False
         self.outcomes: list[Outcome] = []
         self.bytes = ByteBudget(cfg.max_bytes_in_flight)
         # threaded zstd uses every core already: more than one such stream per core only adds memory
@@ -143,7 +148,8 @@ class Scheduler:
         while not stopping.is_set():
             try:
                 await self.step()
-                nxt = await self.queue.next_path_time()
+                # an upload in flight wakes the next step when it ends; a retry due meanwhile waits for it
+                nxt = await self.queue.next_path_time() if not self.inflight else None
                 timeout = IDLE_POLL if nxt is None else max(0.01, min(IDLE_POLL, nxt - time.time()))
                 failures = 0
                 await wait_event(self.wake, timeout)
@@ -159,16 +165,29 @@ class Scheduler:
         if not self.cache_ready:
             await self.flush()
             await self.ensure_cache_info()
-        free = max(0, self.parallel.slots - len(self.inflight))
+        # a round ahead: what the slots free while this transaction runs is filled from `ready`
+        want = 0 if self.stopping else max(0, 2 * self.parallel.slots - len(self.inflight) - len(self.ready))
         batch, self.outcomes = self.outcomes, []
         try:
-            ready = await self.queue.advance(batch, free, exclude=self.inflight)
+            ready = await self.queue.advance(batch, want, exclude=[*self.inflight, *(i.path for i in self.ready)])
         except BaseException:
             self.outcomes[:0] = batch
             raise
-        for info in ready:
-            self.inflight[info.path] = asyncio.create_task(self._upload(info), name=info.path)
+        self.ready.extend(ready)
+        self._launch()
         return [i.path for i in ready]
+
+    def stop_starting(self) -> None:
+        """Start no more uploads (shutdown); those started in the queue only are pending again."""
+        self.stopping = True
+        while self.ready:
+            self.outcomes.append(Outcome(self.ready.popleft().path, PENDING, "not started (shutdown)", 0.0))
+
+    def _launch(self) -> None:
+        """Start uploads from `ready` while there are free slots."""
+        while self.ready and len(self.inflight) < self.parallel.slots and not self.stopping:
+            info = self.ready.popleft()
+            self.inflight[info.path] = asyncio.create_task(self._upload(info), name=info.path)
 
     async def ensure_cache_info(self) -> None:
         if not await self.backend.exists("nix-cache-info"):
@@ -189,6 +208,7 @@ class Scheduler:
 
     async def drain(self, timeout: float) -> None:
         """Let uploads in flight finish for up to `timeout` seconds; the rest stay queued."""
+        self.stop_starting()
         tasks = list(self.inflight.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -252,6 +272,7 @@ class Scheduler:
         finally:
             self.inflight.pop(info.path, None)
             self.parallel.update(self.backend.congested(), time.monotonic())
+            self._launch()
             self.wake.set()
 
     def _report(self, info: PathInfo, error: Exception, outcome: Outcome, attempts: int) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import derivation, nixbase32, storepath
+from . import derivation, nixbase32, nixdaemon, storepath
 from .realisation import Realisation, RealisationError, parse_store
 
 T = TypeVar("T")
@@ -202,6 +202,15 @@ class Store:
         self.store_uri = store_uri
         self._json_args: tuple[str, ...] | None = None  # decided once, from `nix --version`
         self._version: str | None = None
+        # path info straight from nix-daemon's socket (nixdaemon.py), when `nix` would ask that daemon
+        self._socket = nixdaemon.socket_for(store_uri, os.environ)
+        self._daemon: nixdaemon.DaemonConnection | None = None
+        self._daemon_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        if self._daemon is not None:
+            self._daemon.close()
+            self._daemon = None
 
     def check(self, path: str) -> str:
         return storepath.check(path, self.store_dir)
@@ -257,6 +266,10 @@ class Store:
         paths = list(paths)
         if not paths:
             return {}
+        if self._socket is not None:
+            answers = await self._ask_daemon(paths, recursive)
+            if answers is not None:
+                return answers
         flags = await self.json_args()
         try:
             out = await self._run(
@@ -279,6 +292,35 @@ class Store:
             if p not in infos:
                 raise InvalidPathError(p, "missing from `nix path-info` output")
         return infos
+
+    async def _ask_daemon(self, paths: list[str], recursive: bool) -> dict[str, PathInfo] | None:
+        """Path info over the daemon's socket, on a connection kept between calls (the daemon starts a
+        process for each); None when the daemon's protocol is too old (then `nix` is asked, from now on)."""
+        async with self._daemon_lock:
+            for kept in (True, False):
+                try:
+                    if self._daemon is None:
+                        kept = False
+                        self._daemon = await nixdaemon.DaemonConnection.open(self._socket or "")
+                    async with asyncio.timeout(TIMEOUT):
+                        ask = self._daemon.closure if recursive else self._daemon.path_infos
+                        answers = await ask(paths)
+                    break
+                except nixdaemon.Unsupported:
+                    self._socket = None
+                    return None
+                except (nixdaemon.DaemonError, OSError, TimeoutError) as e:
+                    await self.close()  # what it still has to say is unknown: never read it again
+                    if kept and isinstance(e, nixdaemon.Closed | ConnectionError):
+                        continue  # closed while it waited (the daemon was restarted): once more on a new one
+                    what = f"no answer within {TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
+                    raise StoreError(f"nix-daemon ({self._socket}): {what}") from None
+        out = {}
+        for path, info in answers.items():
+            if info is None:
+                raise InvalidPathError(path)
+            out[path] = PathInfo(path, info.nar_hash, info.nar_size, info.references, info.deriver, info.ca, info.sigs)
+        return out
 
     async def closure(self, paths: Iterable[str]) -> dict[str, PathInfo]:
         return await self.path_info(paths, recursive=True)
