@@ -299,10 +299,10 @@ class Store:
         async with self._daemon_lock:
             for kept in (True, False):
                 try:
-                    if self._daemon is None:
-                        kept = False
-                        self._daemon = await nixdaemon.DaemonConnection.open(self._socket or "")
-                    async with asyncio.timeout(TIMEOUT):
+                    async with asyncio.timeout(TIMEOUT):  # the handshake too: a daemon that never answers
+                        if self._daemon is None:
+                            kept = False
+                            self._daemon = await nixdaemon.DaemonConnection.open(self._socket or "")
                         ask = self._daemon.closure if recursive else self._daemon.path_infos
                         answers = await ask(paths)
                     break

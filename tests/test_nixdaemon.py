@@ -210,3 +210,21 @@ async def test_a_daemon_that_is_not_there_is_a_store_error(tmp_path: Path) -> No
     with pytest.raises(StoreError, match="cannot reach nix-daemon"):
         await store.path_info(["/s/aaaa-x"])
 
+
+
+async def test_a_daemon_that_never_answers_is_given_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing waits forever: a daemon that accepts the connection and says nothing (not even its
+    greeting) is a StoreError after the store's timeout, and the planner tries again later."""
+    from hookd import store as store_module
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    monkeypatch.setattr(store_module, "TIMEOUT", 0.3)
+    server = await asyncio.start_unix_server(silent, str(tmp_path / "sock"))
+    store = Store("/s", f"unix://{tmp_path / 'sock'}")
+    try:
+        with pytest.raises(StoreError, match="no answer within 0.3 s"):
+            await store.path_info(["/s/aaaa-x"])
+    finally:
+        server.close()
