@@ -35,7 +35,7 @@ OP_QUERY_PATH_INFO = 26
 CLIENT_VERSION = 1 << 8 | 34  # 1.34 (Nix 2.8): newer daemons speak it too, without the extras of 1.35+
 OLDEST_MINOR = 26  # errors as structured messages (Nix 2.4+); an older daemon is asked through `nix`
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Nix colours the paths in its messages
-PIPELINE = 512  # queries in one write: the daemon's answers to them fit in the socket's buffers
+PIPELINE = 512  # queries in one write (sent by the transport while their answers are read)
 
 
 class Incomplete(Exception):

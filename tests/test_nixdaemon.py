@@ -224,7 +224,7 @@ async def test_a_daemon_that_never_answers_is_given_up(tmp_path: Path, monkeypat
     server = await asyncio.start_unix_server(silent, str(tmp_path / "sock"))
     store = Store("/s", f"unix://{tmp_path / 'sock'}")
     try:
-        with pytest.raises(StoreError, match="no answer within 0.3 s"):
+        with pytest.raises(StoreError, match=r"no answer within 0\.3 s"):
             await store.path_info(["/s/aaaa-x"])
     finally:
         server.close()
