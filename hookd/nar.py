@@ -25,7 +25,9 @@ class NarError(ValueError):
     """The bytes are not a well-formed NAR, or a path on disk cannot be archived."""
 
 
-def _token(data: bytes) -> bytes:
+def token(data: bytes) -> bytes:
+    """Nix's serialised string: its length, its bytes, zeros up to a multiple of 8 (NARs and the
+    daemon's protocol, nixdaemon.py)."""
     pad = -len(data) % 8
     return _U64.pack(len(data)) + data + b"\0" * pad
 
@@ -98,26 +100,26 @@ def _dump_node(
 ) -> Iterator[bytes | memoryview | None]:
     """Yield tokens; a None asks the caller to flush what it has batched (before a large file body)."""
     if top:
-        yield _token(MAGIC)
+        yield token(MAGIC)
     st = os.lstat(path)
-    yield _token(b"(")
+    yield token(b"(")
     if stat.S_ISREG(st.st_mode):
-        yield _token(b"type") + _token(b"regular")
+        yield token(b"type") + token(b"regular")
         if st.st_mode & stat.S_IXUSR:
-            yield _token(b"executable") + _token(b"")
-        yield _token(b"contents")
+            yield token(b"executable") + token(b"")
+        yield token(b"contents")
         yield from _dump_contents(path, st.st_size, chunk_size, into)
     elif stat.S_ISLNK(st.st_mode):
-        yield _token(b"type") + _token(b"symlink") + _token(b"target") + _token(os.readlink(path))
+        yield token(b"type") + token(b"symlink") + token(b"target") + token(os.readlink(path))
     elif stat.S_ISDIR(st.st_mode):
-        yield _token(b"type") + _token(b"directory")
+        yield token(b"type") + token(b"directory")
         for name in sorted(os.listdir(path)):
-            yield _token(b"entry") + _token(b"(") + _token(b"name") + _token(name) + _token(b"node")
+            yield token(b"entry") + token(b"(") + token(b"name") + token(name) + token(b"node")
             yield from _dump_node(path + b"/" + name, chunk_size, into)
-            yield _token(b")")
+            yield token(b")")
     else:
         raise NarError(f"{os.fsdecode(path)}: cannot archive a file of type {stat.S_IFMT(st.st_mode):o}")
-    yield _token(b")")
+    yield token(b")")
 
 
 def _dump_contents(
@@ -253,27 +255,27 @@ def _parse_node(r: _Reader, max_file: int) -> Node:
 
 def serialise(node: Node) -> bytes:
     """The NAR of an in-memory tree (the inverse of `parse`)."""
-    out = [_token(MAGIC)]
+    out = [token(MAGIC)]
     _serialise(node, out)
     return b"".join(out)
 
 
 def _serialise(node: Node, out: list[bytes]) -> None:
-    out.append(_token(b"("))
+    out.append(token(b"("))
     if isinstance(node, Regular):
-        out.append(_token(b"type") + _token(b"regular"))
+        out.append(token(b"type") + token(b"regular"))
         if node.executable:
-            out.append(_token(b"executable") + _token(b""))
-        out.append(_token(b"contents") + _token(node.contents))
+            out.append(token(b"executable") + token(b""))
+        out.append(token(b"contents") + token(node.contents))
     elif isinstance(node, Symlink):
-        out.append(_token(b"type") + _token(b"symlink") + _token(b"target") + _token(node.target))
+        out.append(token(b"type") + token(b"symlink") + token(b"target") + token(node.target))
     else:
-        out.append(_token(b"type") + _token(b"directory"))
+        out.append(token(b"type") + token(b"directory"))
         for name in sorted(node.entries):
-            out.append(_token(b"entry") + _token(b"(") + _token(b"name") + _token(name) + _token(b"node"))
+            out.append(token(b"entry") + token(b"(") + token(b"name") + token(name) + token(b"node"))
             _serialise(node.entries[name], out)
-            out.append(_token(b")"))
-    out.append(_token(b")"))
+            out.append(token(b")"))
+    out.append(token(b")"))
 
 
 def restore(node: Node, path: str | bytes | os.PathLike[str]) -> None:

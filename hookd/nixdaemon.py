@@ -20,6 +20,8 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
+from .nar import token
+
 T = TypeVar("T")
 
 MAGIC_1 = 0x6E697863  # "nixc": client hello
@@ -72,13 +74,8 @@ def u64(n: int) -> bytes:
     return struct.pack("<Q", n)
 
 
-def string(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
-    return u64(len(b)) + b + b"\0" * (-len(b) % 8)
-
-
 def query_path_info(path: str) -> bytes:
-    return u64(OP_QUERY_PATH_INFO) + string(path)
+    return u64(OP_QUERY_PATH_INFO) + token(path.encode())
 
 
 class Wire:
