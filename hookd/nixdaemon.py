@@ -99,13 +99,11 @@ class Wire:
         return int(n)
 
     def blob(self) -> bytes:
-        start = self.pos
         n = self.u64()
         end = self.pos + n + (-n % 8)
         if n > 1 << 26:  # no answer of this protocol holds a string of 64 MiB
             raise ProtocolError(f"nix-daemon sent a string of {n} bytes")
         if len(self.buf) < end:
-            self.pos = start
             raise Incomplete
         data = bytes(self.buf[self.pos : self.pos + n])
         self.pos = end

@@ -267,7 +267,7 @@ class Store:
         if not paths:
             return {}
         if self._socket is not None:
-            answers = await self._ask_daemon(paths, recursive)
+            answers = await self._ask_daemon(self._socket, paths, recursive)
             if answers is not None:
                 return answers
         flags = await self.json_args()
@@ -293,7 +293,7 @@ class Store:
                 raise InvalidPathError(p, "missing from `nix path-info` output")
         return infos
 
-    async def _ask_daemon(self, paths: list[str], recursive: bool) -> dict[str, PathInfo] | None:
+    async def _ask_daemon(self, socket: str, paths: list[str], recursive: bool) -> dict[str, PathInfo] | None:
         """Path info over the daemon's socket, on a connection kept between calls (the daemon starts a
         process for each); None when the daemon's protocol is too old (then `nix` is asked, from now on)."""
         async with self._daemon_lock:
@@ -302,7 +302,7 @@ class Store:
                     async with asyncio.timeout(TIMEOUT):  # the handshake too: a daemon that never answers
                         if self._daemon is None:
                             kept = False
-                            self._daemon = await nixdaemon.DaemonConnection.open(self._socket or "")
+                            self._daemon = await nixdaemon.DaemonConnection.open(socket)
                         ask = self._daemon.closure if recursive else self._daemon.path_infos
                         answers = await ask(paths)
                     break
@@ -314,7 +314,7 @@ class Store:
                     if kept and isinstance(e, nixdaemon.Closed | ConnectionError):
                         continue  # closed while it waited (the daemon was restarted): once more on a new one
                     what = f"no answer within {TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
-                    raise StoreError(f"nix-daemon ({self._socket}): {what}") from None
+                    raise StoreError(f"nix-daemon ({socket}): {what}") from None
         out = {}
         for path, info in answers.items():
             if info is None:

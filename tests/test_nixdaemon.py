@@ -199,7 +199,7 @@ async def test_a_daemon_too_old_is_asked_through_nix(tmp_path: Path) -> None:
     server = await asyncio.start_unix_server(fake.serve, str(fake.path))
     store = Store("/s", f"unix://{fake.path}")
     try:
-        assert await store._ask_daemon(["/s/aaaa-x"], recursive=False) is None
+        assert await store._ask_daemon(str(fake.path), ["/s/aaaa-x"], recursive=False) is None
         assert store._socket is None  # from now on, `nix path-info`
     finally:
         server.close()
