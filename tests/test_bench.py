@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from tests.bench.measure import count_requests, tree_bytes
-from tests.bench.report import LOCAL, RAW, ZSTD, Run, table, targets
+from tests.bench.report import LOCAL, RAW, READ, ZSTD, ZSTD_FAST, Run, table, targets
 from tests.bench.workloads import corpus_candidates, pick_corpus, store_name
 
 NGINX = '127.0.0.1 - - [22/Nov/2026:08:29:28 +0000] "PUT /ab12/nar/x.nar.zst HTTP/1.1" 201 0 "-" "Python/3.11 aiohttp/3.14.5"'
@@ -89,3 +89,34 @@ def test_ratios_and_targets_are_against_the_faster_nix_copy_and_the_limits() -> 
     text = table(runs, {"random": {"paths": 1, "nar_bytes": 1 << 30, "zstd_bytes": 1 << 29}})
     hookd_row = next(line for line in text.splitlines() if "hookd v (host)" in line)  # nginx comes first
     assert hookd_row.split()[-3:] == ["1.60", "80", "40"]  # x nix, % zstd, % raw
+
+
+def test_a_missed_target_above_the_fastest_compression_says_so() -> None:
+    """A target that needs more than `zstd -T0 -1 | sha256sum` reaches on the same bytes is out of reach for
+    anything that compresses: the check says so, for the workloads hookd compresses, and only when missed."""
+    runs = [
+        run(ZSTD_FAST, 4.0, target=LOCAL, workload="corpus"),  # 256 MiB/s
+        run("hookd", 3.0, workload="corpus", peak_rss_mib=100.0, peak_staging_mib=0.0),
+        run("nix copy", 3.6, workload="corpus"),  # 1.5x needs 2.4 s: 427 MiB/s
+        run(ZSTD_FAST, 4.0, target=LOCAL, workload="compressible"),
+        run(RAW, 1.0, target="radosgw", workload="compressible"),  # 80 % is 819 MiB/s
+        run("hookd", 3.5, target="radosgw", workload="compressible", peak_rss_mib=100.0, peak_staging_mib=0.0),
+        run(ZSTD_FAST, 4.0, target=LOCAL, workload="random"),
+        run(RAW, 1.0, target="moto", workload="random"),
+        # random data is sent as itself: no such note
+        run("hookd", 1.5, target="moto", workload="random", peak_rss_mib=100.0, peak_staging_mib=0.0),
+        run("nix copy", 3.0, workload="small"),
+        run("hookd", 1.0, workload="small", peak_rss_mib=100.0, peak_staging_mib=0.0),  # met: nothing added
+    ]
+    checks = {c.what: c for c in targets(runs, None)}
+    corpus = checks["corpus, nginx loopback, hookd v (host): ≥ 1.5x the faster nix copy (nix copy v (host))"]
+    assert not corpus.ok
+    assert corpus.measured == "1.20x (3.00 s vs 3.60 s; it needs 427 MiB/s, above zstd -T0 -1 | sha256sum's 256)"
+    s3 = checks["compressible, radosgw, hookd v (host): ≥ 80 % of a raw multipart PUT"]
+    assert not s3.ok and s3.measured.endswith("; it needs 819 MiB/s, above zstd -T0 -1 | sha256sum's 256)")
+    assert checks["random, moto, hookd v (host): ≥ 80 % of a raw multipart PUT"].measured == "67 % (683 vs 1024 MiB/s)"
+    small = checks["small, nginx loopback, hookd v (host): ≥ 2x the faster nix copy (nix copy v (host))"]
+    assert small.ok and "needs" not in small.measured
+    runs += [run(READ, 1.0, target=LOCAL, workload="corpus"), run(ZSTD, 8.0, target=LOCAL, workload="corpus")]
+    text = table(runs, {"corpus": {"paths": 1, "nar_bytes": 1 << 30, "zstd_bytes": 1 << 29}})
+    assert "; read 1024 MiB/s, zstd -T0 -3 | sha256sum 128 MiB/s, at -1 256 MiB/s" in text

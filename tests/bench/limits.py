@@ -1,7 +1,9 @@
 """The physical limits an uploader is measured against, in the same run and on the same bytes:
 
 - reading the NARs from the page cache (`nix-store --export` of the closure to /dev/null);
-- the same stream through `zstd -T0 -3 | sha256sum` (all cores; what hashing and compressing can reach);
+- the same stream through `zstd -T0 -3 | sha256sum` (all cores; what hashing and compressing can reach), and
+  through `zstd -T0 -1 | sha256sum` (the fastest level hookd compresses at: no uploader that compresses
+  goes faster here);
 - a raw PUT of the precompressed NARs (one zstd -3 file per path) to the same nginx, N in flight (aiohttp);
 - a raw PUT of the same bytes to S3 (boto3): objects below the part size in one PUT, larger ones as multipart
   uploads of 8 MiB parts, a few parts in flight.
@@ -37,8 +39,12 @@ def read_seconds(nix: Nix, closure: list[str]) -> float:
     return timed_pipeline(nix, closure, "cat >/dev/null")
 
 
-def zstd_seconds(nix: Nix, closure: list[str]) -> float:
-    return timed_pipeline(nix, closure, "zstd -T0 -3 -q | sha256sum >/dev/null")
+def zstd_seconds(nix: Nix, closure: list[str], level: int = 3) -> float:
+    return timed_pipeline(nix, closure, f"zstd -T0 -{level} -q | sha256sum >/dev/null")
+
+
+def zstd_fast_seconds(nix: Nix, closure: list[str]) -> float:
+    return zstd_seconds(nix, closure, level=1)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Contenders, each pushing the workload's top path (so its whole closure) into an 
 hookd (this checkout) and `nix copy` of this machine's Nix (bookworm: 2.8), and with --sid-chroot the same in a
 Debian sid chroot (Nix 2.34, Python 3.14) against the same servers; the chroot's store gets the same closure
 (exported here, imported there: the same store paths and NARs). nix copy has no S3 here (Debian's Nix is built
-without it). Limits, on the same bytes: reading the NARs, `zstd -T0 -3 | sha256sum`, and a raw PUT of the
+without it). Limits, on the same bytes: reading the NARs, `zstd -T0 -3 | sha256sum` and `-1`, and a raw PUT of the
 precompressed NARs to each target (nginx: aiohttp, 16 in flight; S3: boto3, 8 MiB parts, 4 in flight); each
 limit is the best of --limit-runs (2).
 
@@ -52,7 +52,7 @@ from ..servers import ACCESS_KEY, SECRET_KEY, FaultProxy, Moto, Nginx, Radosgw, 
 from . import limits, workloads
 from .contenders import hook_probes, run_hookd, run_nix_copy
 from .measure import RequestLog
-from .report import LOCAL, RAW, READ, ZSTD, Run, hook_summary, table, targets
+from .report import LOCAL, RAW, READ, ZSTD, ZSTD_FAST, Run, hook_summary, table, targets
 from .sides import Nix, Side, copy_closure
 
 MiB = 1 << 20
@@ -218,7 +218,12 @@ class Bench:
                 **workloads.describe(Path(p) for p in closure),
             }
             warm(self.sides, closure)
-            for who, fn in ((READ, limits.read_seconds), (ZSTD, limits.zstd_seconds)):
+            limit_runs = (
+                (READ, limits.read_seconds),
+                (ZSTD, limits.zstd_seconds),
+                (ZSTD_FAST, limits.zstd_fast_seconds),
+            )
+            for who, fn in limit_runs:
                 seconds = min(fn(host, closure) for _ in range(self.args.limit_runs))
                 self.record(name, LOCAL, who, None, closure, seconds=seconds)
             for target in ("nginx loopback", "nginx 20 ms"):
