@@ -44,7 +44,7 @@ import pyzstd
 
 from . import nar, nixbase32
 from .narinfo import COMPRESSION_EXT
-from .store import PathInfo
+from .pathinfo import PathInfo
 
 SMALL_NAR = 4 << 20
 """NARs up to this size are encoded whole in memory and sent in one request, without asking first

@@ -18,9 +18,10 @@ import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 from .nar import token
+from .pathinfo import PathInfo
 
 T = TypeVar("T")
 
@@ -58,16 +59,6 @@ class ProtocolError(DaemonError):
 
 class Unsupported(DaemonError):
     """The daemon speaks a protocol older than this client needs: ask through `nix` instead."""
-
-
-class ValidPathInfo(NamedTuple):
-    path: str
-    nar_hash: bytes  # SHA-256
-    nar_size: int
-    references: tuple[str, ...]  # full store paths, sorted
-    deriver: str | None
-    ca: str | None  # as narinfos write it: `fixed:r:sha256:<nix32>`, `text:sha256:<nix32>`
-    sigs: tuple[str, ...]
 
 
 def u64(n: int) -> bytes:
@@ -152,7 +143,7 @@ def _fields(w: Wire) -> None:
             w.blob()
 
 
-def read_path_info(w: Wire, path: str) -> ValidPathInfo | None:
+def read_path_info(w: Wire, path: str) -> PathInfo | None:
     """The answer to QueryPathInfo of `path` (None: not valid in the store)."""
     read_logs(w)
     if not w.u64():
@@ -166,7 +157,7 @@ def read_path_info(w: Wire, path: str) -> ValidPathInfo | None:
         digest = b""
     if len(digest) != 32:
         raise ProtocolError(f"nix-daemon gave {path} the NAR hash {nar_hash!r}, not a SHA-256 in hex")
-    return ValidPathInfo(path, digest, nar_size, tuple(sorted(references)), deriver or None, ca or None, tuple(sigs))
+    return PathInfo(path, digest, nar_size, tuple(sorted(references)), deriver or None, ca or None, tuple(sigs))
 
 
 def socket_for(store_uri: str | None, env: Mapping[str, str]) -> str | None:
@@ -233,9 +224,9 @@ class DaemonConnection:
                 raise Closed("nix-daemon closed the connection")
             self.wire.feed(data)
 
-    async def path_infos(self, paths: Sequence[str]) -> dict[str, ValidPathInfo | None]:
+    async def path_infos(self, paths: Sequence[str]) -> dict[str, PathInfo | None]:
         """QueryPathInfo of every path, pipelined."""
-        out: dict[str, ValidPathInfo | None] = {}
+        out: dict[str, PathInfo | None] = {}
         for at in range(0, len(paths), PIPELINE):
             chunk = paths[at : at + PIPELINE]
             self.writer.write(b"".join(query_path_info(p) for p in chunk))  # sent while the answers are read
@@ -243,9 +234,9 @@ class DaemonConnection:
                 out[path] = await self._read(lambda w, p=path: read_path_info(w, p))  # type: ignore[misc]
         return out
 
-    async def closure(self, roots: Iterable[str]) -> dict[str, ValidPathInfo | None]:
+    async def closure(self, roots: Iterable[str]) -> dict[str, PathInfo | None]:
         """The info of `roots` and everything they refer to, a level of the closure per pipeline."""
-        out: dict[str, ValidPathInfo | None] = {}
+        out: dict[str, PathInfo | None] = {}
         level = list(dict.fromkeys(roots))
         while level:
             infos = await self.path_infos(level)

@@ -30,10 +30,11 @@ from .backends.retry import backoff
 from .config import Config
 from .freshness import Freshness
 from .metrics import Metrics
+from .pathinfo import PathInfo
 from .publish import Realisations, drvs_of
 from .queue import Queue, Request
 from .signing import KeyFileError, PublicKey
-from .store import InvalidPathError, PathInfo, Store, StoreError
+from .store import InvalidPathError, Store, StoreError
 
 log = logging.getLogger("hookd")
 

@@ -24,9 +24,10 @@ from .backends import Backend, BackendError
 from .backends.retry import backoff
 from .config import Config
 from .freshness import Freshness
+from .pathinfo import PathInfo
 from .queue import Queue
 from .signing import SecretKey
-from .store import PathInfo, Store
+from .store import Store
 
 log = logging.getLogger("hookd")
 

@@ -41,7 +41,8 @@ from .lifecycle import (
     UPSTREAM,
     sql_list,
 )
-from .store import PathInfo, parse_path_info
+from .pathinfo import PathInfo
+from .store import parse_path_info
 
 __all__ = ["BLOCKED", "DONE", "DROPPED", "FAILED", "PENDING", "STATES", "UPLOADING", "UPSTREAM", "Outcome", "Queue"]
 

@@ -23,10 +23,10 @@ from .config import Config
 from .freshness import Freshness
 from .lifecycle import DONE, FAILED, PENDING
 from .metrics import Metrics
+from .pathinfo import PathInfo
 from .publish import Extras
 from .queue import Outcome, Queue
 from .signing import SecretKey
-from .store import PathInfo
 from .upload import NarMismatchError, ReferenceGone, Uploaded, upload_path
 
 log = logging.getLogger("hookd")

@@ -16,10 +16,10 @@ import json
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import derivation, nixbase32, nixdaemon, storepath
+from .pathinfo import PathInfo
 from .realisation import Realisation, RealisationError, parse_store
 
 T = TypeVar("T")
@@ -43,28 +43,6 @@ class InvalidPathError(StoreError):
     def __init__(self, path: str, detail: str = "") -> None:
         super().__init__(f"{path} is not a valid path in the Nix store{': ' + detail if detail else ''}")
         self.path = path
-
-
-@dataclass(frozen=True)
-class PathInfo:
-    path: str
-    nar_hash: bytes
-    nar_size: int
-    references: tuple[str, ...]  # full store paths, sorted
-    deriver: str | None = None
-    ca: str | None = None
-    sigs: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "narHash": nixbase32.format_hash(self.nar_hash),
-            "narSize": self.nar_size,
-            "references": list(self.references),
-            "deriver": self.deriver,
-            "ca": self.ca,
-            "signatures": list(self.sigs),
-        }
 
 
 _SIZES = {"sha256": 32, "sha512": 64, "sha1": 20, "md5": 16}
@@ -315,12 +293,10 @@ class Store:
                         continue  # closed while it waited (the daemon was restarted): once more on a new one
                     what = f"no answer within {TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
                     raise StoreError(f"nix-daemon ({socket}): {what}") from None
-        out = {}
         for path, info in answers.items():
             if info is None:
                 raise InvalidPathError(path)
-            out[path] = PathInfo(path, info.nar_hash, info.nar_size, info.references, info.deriver, info.ca, info.sigs)
-        return out
+        return {path: info for path, info in answers.items() if info is not None}
 
     async def closure(self, paths: Iterable[str]) -> dict[str, PathInfo]:
         return await self.path_info(paths, recursive=True)

@@ -19,9 +19,9 @@ from . import narinfo, narstream, storepath
 from .backends import Backend, BackendError
 from .freshness import Freshness
 from .narstream import NarMismatchError, NarStream
+from .pathinfo import PathInfo
 from .publish import Extras
 from .signing import SecretKey
-from .store import PathInfo
 
 NAR_CONTENT_TYPE = "application/x-nix-nar"
 

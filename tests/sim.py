@@ -24,11 +24,11 @@ from hookd.backends import Backend, BackendError, ObjectStat
 from hookd.catalog import GcError
 from hookd.freshness import Freshness
 from hookd.narstream import Levels
+from hookd.pathinfo import PathInfo
 from hookd.plan import GcPlan, plan
 from hookd.safety import Bounds
 from hookd.signing import SecretKey
 from hookd.snapshot import NarinfoIndex, Snapshot, snapshot
-from hookd.store import PathInfo
 from hookd.sweep import sweep
 from hookd.upload import ReferenceGone, upload_path
 

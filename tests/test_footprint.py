@@ -19,9 +19,9 @@ from hookd import footprint, narstream
 from hookd.backends import open_backend
 from hookd.config import Config
 from hookd.metrics import Metrics
+from hookd.pathinfo import PathInfo
 from hookd.scheduler import Scheduler
 from hookd.signing import SecretKey
-from hookd.store import PathInfo
 
 from .servers import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -35,7 +35,7 @@ from hookd import nar, narstream
 from hookd.backends import open_backend
 from hookd.config import Config
 from hookd.daemon import tune_malloc
-from hookd.store import PathInfo
+from hookd.pathinfo import PathInfo
 
 tune_malloc()  # glibc set as in the daemon
 src, url = sys.argv[1], sys.argv[2]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from hookd import nar, narstream, nixbase32
 from hookd.narstream import Encoding, NarMismatchError, NarStream
-from hookd.store import PathInfo
+from hookd.pathinfo import PathInfo
 
 
 def make_path(root: Path, files: dict[str, bytes]) -> PathInfo:

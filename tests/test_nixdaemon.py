@@ -14,6 +14,7 @@ import pytest
 from hookd import nixdaemon
 from hookd.keys import write_keypair
 from hookd.nixdaemon import Incomplete, Wire, u64
+from hookd.pathinfo import PathInfo
 from hookd.selftest import CHAIN_NIX, NixEnv
 from hookd.store import InvalidPathError, Store, StoreError
 
@@ -106,7 +107,7 @@ def test_the_wire_format_is_read_split_anywhere() -> None:
         except Incomplete:
             w.pos = start
     assert answer is not None and w.pos == len(data)
-    assert answer == nixdaemon.ValidPathInfo("/s/p-x", h, 1234, ("/s/a-ref", "/s/b-ref"), "/s/d-x.drv", None, ("k-1:sig",))
+    assert answer == PathInfo("/s/p-x", h, 1234, ("/s/a-ref", "/s/b-ref"), "/s/d-x.drv", None, ("k-1:sig",))
 
     w = Wire()
     w.feed(reply(u64(nixdaemon.STDERR_LAST), u64(0)))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hookd import narinfo, signing
-from hookd.store import InvalidPathError, PathInfo, StoreError, json_format_args, parse_path_info
+from hookd.pathinfo import PathInfo
+from hookd.store import InvalidPathError, StoreError, json_format_args, parse_path_info
 
 FIXTURES = Path(__file__).parent / "fixtures" / "path-info"
 RECORDED = ["nix-2.8.0", "nix-2.26.3", "nix-2.34.8"]

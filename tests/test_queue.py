@@ -9,9 +9,9 @@ import pytest
 
 from hookd.backends import BackendError, PermanentBackendError
 from hookd.lifecycle import BLOCKED, DONE, FAILED, PENDING, UPLOADING
+from hookd.pathinfo import PathInfo
 from hookd.queue import Outcome, Queue
 from hookd.scheduler import classify
-from hookd.store import PathInfo
 from hookd.upload import NarMismatchError, ReferenceGone
 
 STORE = "/nix/store"

@@ -17,8 +17,9 @@ from click.testing import CliRunner
 from hookd import config, keys, nixbase32, protocol, signing
 from hookd.backends.file import FileBackend
 from hookd.cli import main
+from hookd.pathinfo import PathInfo
 from hookd.queue import DONE, FAILED, PENDING, Outcome, Queue
-from hookd.store import InvalidPathError, PathInfo, parse_path_info
+from hookd.store import InvalidPathError, parse_path_info
 
 SD = "/nix/store"
 A = f"{SD}/6q5cdpsrvdpmkzh5sy8wdc7vz7p51z1c-dep-x1"

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from hookd import nar, narinfo, nixbase32
+from hookd.pathinfo import PathInfo
 from hookd.safety import Bounds
-from hookd.store import PathInfo
 
 from ..sim import SimBucket, Uploader, gc_loop, run_virtual
 
