@@ -182,11 +182,14 @@ def targets(runs: list[Run], hook: dict[str, Any] | None) -> list[Check]:
             beyond = "" if share >= 0.8 else _beyond(runs, r, 0.8 * raw.mib_s)
             out.append(Check(share >= 0.8, f"{where}: ≥ 80 % of a raw multipart PUT",
                              f"{100 * share:.0f} % ({r.mib_s:.0f} vs {raw.mib_s:.0f} MiB/s{beyond})"))  # fmt: skip
-    if hookds:
-        worst = max(hookds, key=lambda r: r.peak_rss_mib or 0)
+    sampled = [r for r in hookds if r.peak_rss_mib is not None]  # runs that sampled memory (every real one)
+    if sampled:
+        worst = max(sampled, key=lambda r: r.peak_rss_mib or 0)
         out.append(Check((worst.peak_rss_mib or 0) <= 150, "hookd's peak RSS ≤ 150 MiB, every run",
                          f"largest {worst.peak_rss_mib:.0f} MiB ({worst.workload}, {worst.target}, {worst.label})"))  # fmt: skip
-        staged = max(hookds, key=lambda r: r.peak_staging_mib or 0)
+    polled = [r for r in hookds if r.peak_staging_mib is not None]
+    if polled:
+        staged = max(polled, key=lambda r: r.peak_staging_mib or 0)
         out.append(Check(not staged.peak_staging_mib, "zero staging bytes on disk (HTTP and S3), every run",
                          f"largest {staged.peak_staging_mib:.1f} MiB ({staged.workload}, {staged.target}, {staged.label})"))  # fmt: skip
     if hook:
