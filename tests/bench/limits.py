@@ -2,8 +2,8 @@
 
 - reading the NARs from the page cache (`nix-store --export` of the closure to /dev/null);
 - the same stream through `zstd -T0 -3 | sha256sum` (all cores; what hashing and compressing can reach), and
-  through `zstd -T0 -1 | sha256sum` (the fastest level hookd compresses at: no uploader that compresses
-  goes faster here);
+  through `zstd -T0 -1 | sha256sum` (the fastest level hookd compresses at: an uploader that compresses
+  every NAR at zstd level 1 or above goes no faster here);
 - a raw PUT of the precompressed NARs (one zstd -3 file per path) to the same nginx, N in flight (aiohttp);
 - a raw PUT of the same bytes to S3 (boto3): objects below the part size in one PUT, larger ones as multipart
   uploads of 8 MiB parts, a few parts in flight.
