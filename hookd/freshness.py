@@ -104,14 +104,19 @@ class Freshness:
         stale = self.stale(keys)
         if not stale:
             return set()
-        tasks = []
+        tasks, started = [], []
         for key in stale:
             task = self._running.get(key)
             if task is None:
                 task = asyncio.create_task(self._touch_and_verify(key, content_types[key]), name=f"touch {key}")
                 self._running[key] = task
                 task.add_done_callback(lambda _t, k=key: self._running.pop(k, None))  # type: ignore[misc]
+                started.append(key)
             tasks.append(task)
+        if started:  # said once per batch: an upload that waits this long should say why
+            log.info("touching %d cache objects this daemon has not written lately (%s%s) and waiting %.3gs, "
+                     "the upload/GC protocol's settle time, before relying on them", len(started), started[0],
+                     ", …" if len(started) > 1 else "", self.bounds.settle)  # fmt: skip
         results = await asyncio.gather(*(asyncio.shield(t) for t in tasks))
         missing = {k for k, ok in zip(stale, results, strict=True) if not ok}
         for key in missing:

@@ -17,7 +17,7 @@ import pytest
 from hookd import narinfo, signing
 from hookd.selftest import CHAIN_NIX, NixEnv, wait_for_narinfos
 
-from .conftest import HookdFactory
+from .conftest import FAST_BOUNDS, HookdFactory
 from .test_dedup import wait_idle
 
 ALL_OUTPUTS = ["top", "multi.out", "multi.dev", "multi.doc"]
@@ -154,7 +154,9 @@ def test_stop_mid_upload_loses_and_corrupts_nothing(
 ) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
-    hookd = hookd_factory(args=("--compression", "xz", "--max-parallel", "2"), start=False)
+    # The protocol's bounds of seconds: a path whose NAR the killed daemon wrote without recording it is
+    # relied on as anybody's, touched and waited for (the settle time: 44 s with the default bounds).
+    hookd = hookd_factory(args=("--compression", "xz", "--max-parallel", "2"), env=FAST_BOUNDS, start=False)
     hookd.start()
     hookd.stop()
     expr = nixenv.write_expr("wide.nix", WIDE_NIX)

@@ -362,3 +362,30 @@ async def test_a_narinfo_the_planner_found_absent_is_not_asked_for_again(tmp_pat
     backend.nar_delay = 0.0
     await upload_path(top, backend, key, "zstd", narstream.Levels(3), fresh)
     assert fresh.touches == 1 and fresh.fresh(ref_key)  # touched and checked before it was relied on
+
+
+async def test_a_wait_for_the_settle_time_says_so_once_per_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Relying on objects this daemon did not write lately costs a touch and the settle time (44 s with the
+    default bounds): the log says so, once for the touches a call starts, not again for a call that joins
+    them, and not at all once they are fresh."""
+    import logging
+
+    from hookd.backends.file import FileBackend
+    from hookd.freshness import Freshness
+    from hookd.safety import Bounds
+
+    backend = FileBackend(tmp_path, fsync=False)
+    freshness = Freshness(backend, Bounds(grace=10, check_to_delete=0.1, request_timeout=0.5, max_skew=1))
+    types = {"a.narinfo": "text/x-nix-narinfo", "b.narinfo": "text/x-nix-narinfo"}
+    for key, content_type in types.items():
+        await backend.put(key, b"written by another uploader", content_type)
+    with caplog.at_level(logging.INFO, logger="hookd"):
+        missing = await asyncio.gather(freshness.ensure(list(types), types), freshness.ensure(["a.narinfo"], types))
+        assert missing == [set(), set()] and freshness.touches == 2
+        await freshness.ensure(list(types), types)  # fresh now: no touch, nothing said
+    said = [r.getMessage() for r in caplog.records if "settle time" in r.getMessage()]
+    assert said == [
+        "touching 2 cache objects this daemon has not written lately (a.narinfo, …) and waiting 0.66s, "
+        "the upload/GC protocol's settle time, before relying on them"
+    ]
+    assert freshness.touches == 2
