@@ -293,10 +293,12 @@ class Store:
                         continue  # closed while it waited (the daemon was restarted): once more on a new one
                     what = f"no answer within {TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
                     raise StoreError(f"nix-daemon ({socket}): {what}") from None
+        out: dict[str, PathInfo] = {}
         for path, info in answers.items():
             if info is None:
                 raise InvalidPathError(path)
-        return {path: info for path, info in answers.items() if info is not None}
+            out[path] = info
+        return out
 
     async def closure(self, paths: Iterable[str]) -> dict[str, PathInfo]:
         return await self.path_info(paths, recursive=True)
