@@ -5,6 +5,8 @@
 A `--fault-rate` share of requests fail: 500, 503, 429 (as S3 `SlowDown` with Retry-After when
 `--s3`), or a connection reset in the middle of the request body (PUT) or of the response body (GET).
 A `--corrupt-rate` share of PUT bodies reach the upstream with one byte changed (fault `corrupt`).
+`--wrong-region-for AGENT` answers every request of that User-Agent (its product name) as S3 answers a
+request signed for another region than the bucket's (fault `region`).
 `--delay-ms` adds latency to every request. Every request is logged as a JSON line with its start and
 end times, decision and status, so tests can check what was injected and in what order objects became
 visible.
@@ -38,13 +40,27 @@ S3_SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
+S3_WRONG_REGION = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AuthorizationHeaderMalformed</Code>'
+    b"<Message>The authorization header is malformed; the region 'us-east-1' is wrong; expecting "
+    b"'eu-west-3'</Message><Region>eu-west-3</Region></Error>"
+)
 
 
 class Proxy:
     def __init__(
-        self, upstream: str, rate: float, delay: float, s3: bool, log: TextIO, seed: int, corrupt: float = 0.0
+        self,
+        upstream: str,
+        rate: float,
+        delay: float,
+        s3: bool,
+        log: TextIO,
+        seed: int,
+        corrupt: float = 0.0,
+        wrong_region_for: str | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
+        self.wrong_region_for = wrong_region_for
         self.rate = rate
         self.corrupt = corrupt
         self.corrupt_rng = random.Random(seed + 1)  # its own: the other faults' sequence stays as it was
@@ -67,12 +83,19 @@ class Proxy:
         fault = self.rng.choice(["500", "503", "429", "reset"]) if self.rng.random() < self.rate else None
         if fault is None and request.method == "PUT" and request.content_length and self.corrupt:
             fault = "corrupt" if self.corrupt_rng.random() < self.corrupt else None
+        client = request.headers.get("User-Agent", "").split("/", 1)[0]
+        if client and client == self.wrong_region_for:
+            fault = "region"
+        payload = request.headers.get("x-amz-content-sha256")
         base = {
             "method": request.method,
             "path": request.path_qs,
             "start": start,
             "fault": fault,
             "auth": "Authorization" in request.headers,  # whether, never what
+            "client": client,
+            # what the signature says of the body: its SHA-256 ("signed"), UNSIGNED-PAYLOAD, or nothing
+            "payload": "signed" if payload and len(payload) == 64 else payload,
         }
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -82,6 +105,10 @@ class Proxy:
             request.transport.abort()
             self.record(**base, status="reset", end=time.time())
             raise asyncio.CancelledError
+        if fault == "region":
+            await request.read()
+            self.record(**base, status=400, end=time.time())
+            return web.Response(status=400, body=S3_WRONG_REGION, content_type="application/xml")
         if fault in ("500", "503", "429"):
             await request.read()
             status = int(fault)
@@ -143,9 +170,13 @@ def main() -> None:
     ap.add_argument("--log", default="/dev/null")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--corrupt-rate", type=float, default=0.0)
+    ap.add_argument("--wrong-region-for", default=None, metavar="AGENT")
     args = ap.parse_args()
     log = open(args.log, "a")  # noqa: SIM115 - open for the life of the process
-    proxy = Proxy(args.upstream, args.fault_rate, args.delay_ms / 1000, args.s3, log, args.seed, args.corrupt_rate)
+    proxy = Proxy(
+        args.upstream, args.fault_rate, args.delay_ms / 1000, args.s3, log, args.seed, args.corrupt_rate,
+        args.wrong_region_for,
+    )  # fmt: skip
     # bodies pass through as they are: a Content-Encoding (hookd's narinfos) is the endpoints' business
     app = web.Application(client_max_size=1 << 40, handler_args={"auto_decompress": False})
     app.router.add_route("*", "/{tail:.*}", proxy.handle)

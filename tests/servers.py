@@ -270,6 +270,7 @@ class FaultProxy(Process):
         s3: bool = False,
         seed: int = 1,
         corrupt: float = 0.0,
+        wrong_region_for: str | None = None,
     ) -> None:
         port = free_port()
         self.events = workdir / f"proxy-{port}.jsonl"
@@ -291,7 +292,7 @@ class FaultProxy(Process):
             str(seed),
             "--corrupt-rate",
             str(corrupt),
-        ] + (["--s3"] if s3 else [])
+        ] + (["--s3"] if s3 else []) + (["--wrong-region-for", wrong_region_for] if wrong_region_for else [])
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         super().__init__(argv, port, "fault proxy", workdir / f"proxy-{port}.log", env)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import uuid
 from collections import Counter
@@ -208,6 +209,10 @@ async def test_s3_multipart_parts_and_content_types(tmp_path: Path, s3server: S3
     await be.close()
     parts = {r["path"] for r in proxy.records() if r["method"] == "PUT" and "partNumber=" in str(r["path"])}
     assert len(parts) == 5
+    # Writes are hookd's own requests, their payload's SHA-256 signed (s3wire.py); the rest is botocore's.
+    puts = [r for r in proxy.records() if r["method"] == "PUT"]
+    assert puts and all(r["client"] == "hookd" and r["payload"] == "signed" for r in puts), puts
+    assert all(r["client"] == "aiobotocore" for r in proxy.records() if r["method"] != "PUT")
     head = s3server.client().head_object(Bucket=bucket, Key="nar/x.nar")
     assert head["ContentType"] == "application/x-nix-nar" and "ContentEncoding" not in head
     assert s3server.client().head_object(Bucket=bucket, Key="x.narinfo")["ContentType"] == "text/x-nix-narinfo"
@@ -217,10 +222,10 @@ async def test_s3_multipart_parts_and_content_types(tmp_path: Path, s3server: S3
 async def test_s3_nar_bytes_changed_on_the_way_are_refused_and_sent_again(
     tmp_path: Path, radosgw: S3Server, aws_env: None
 ) -> None:
-    """NAR bytes are not hashed for the signature (that cost the event loop most of its time): their
-    Content-MD5 is, and the server checks it. A byte changed between hookd and the server, in a part or
-    in a small NAR's one PUT, is refused (BadDigest) and sent again: the objects hold the NAR's bytes.
-    Against radosgw: moto does not check Content-MD5."""
+    """NAR bytes are hashed off the event loop and their SHA-256 signed (s3wire.py). A byte changed between
+    hookd and the server, in a part or in a small NAR's one PUT, is refused (XAmzContentSHA256Mismatch) and
+    sent again: the objects hold the NAR's bytes. Against radosgw: moto checks neither that hash nor a
+    Content-MD5."""
     proxy = FaultProxy(tmp_path, radosgw.url, s3=True, corrupt=0.3, seed=3)
     bucket, url = s3_url(radosgw, proxy.url)
     be = open_backend(url, Config(multipart_threshold=5 << 20, part_size=5 << 20, request_attempts=20))
@@ -231,10 +236,37 @@ async def test_s3_nar_bytes_changed_on_the_way_are_refused_and_sent_again(
     changed = [r for r in proxy.records() if r["fault"] == "corrupt"]
     proxy.stop()
     assert any("partNumber=" in str(r["path"]) for r in changed), "no part was changed: the test means nothing"
-    assert changed and all(r["status"] == 400 for r in changed), changed
+    assert changed and all(r["status"] == 400 and r["payload"] == "signed" for r in changed), changed
     client = radosgw.client()
     assert client.get_object(Bucket=bucket, Key="nar/big.nar")["Body"].read() == big
     assert client.get_object(Bucket=bucket, Key="nar/small.nar")["Body"].read() == small
+
+
+async def test_s3_writes_refused_for_the_region_go_through_botocore(
+    tmp_path: Path, moto: S3Server, aws_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hookd's own writes do not follow a region redirect, botocore's do: after the first answer that says
+    the request went to the wrong region, every write goes through botocore, and nothing is lost. (The
+    proxy answers hookd's requests as S3 answers a request signed for another region.)"""
+    proxy = FaultProxy(tmp_path, moto.url, s3=True, wrong_region_for="hookd")
+    bucket, url = s3_url(moto, proxy.url)
+    be = open_backend(url, Config(multipart_threshold=5 << 20, part_size=5 << 20, request_attempts=3))
+    big = os.urandom((16 << 20) + 1)
+    with caplog.at_level(logging.INFO, logger="hookd.backend"):
+        await be.put_nar("nar/big.nar", pieces(big), "application/x-nix-nar", len(big))
+        await be.put("x.narinfo", b"StorePath: x\n", "text/x-nix-narinfo")
+        assert await be.put_new("nar/small.nar", b"small", "application/x-nix-nar")
+    await be.close()
+    refused = [r for r in proxy.records() if r["fault"] == "region"]
+    later = [r for r in proxy.records() if r["method"] == "PUT" and r["start"] > max(float(r["end"]) for r in refused)]
+    proxy.stop()
+    assert 1 <= len(refused) <= 2, refused  # the parts in flight when the first answer came
+    assert later and all(r["client"] == "aiobotocore" and r["status"] in (200, 412) for r in later), later
+    assert len([m for m in caplog.messages if "writes go through botocore from now on" in m]) == 1
+    client = moto.client()
+    assert client.get_object(Bucket=bucket, Key="nar/big.nar")["Body"].read() == big
+    assert client.get_object(Bucket=bucket, Key="x.narinfo")["Body"].read() == b"StorePath: x\n"
+    assert client.get_object(Bucket=bucket, Key="nar/small.nar")["Body"].read() == b"small"
 
 
 async def test_s3_failed_multipart_is_aborted(tmp_path: Path, s3server: S3Server, aws_env: None) -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from hookd.backends.http11 import Origin, ProtocolError, parse_head, request_head
+from hookd.backends.http11 import SLICE, Connection, Origin, ProtocolError, parse_head, request_head
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -105,6 +105,47 @@ async def test_keep_alive_framings_and_connection_close() -> None:
         assert srv.connections == 2 and not o._idle
         assert all(b"Authorization: Bearer t\r\n" in r and b"Host: 127.0.0.1:" in r for r in srv.requests)
         await o.close()
+
+
+async def test_a_large_body_given_whole_goes_out_a_slice_at_a_time() -> None:
+    """A part of an S3 upload (bytes, 16 MiB) reaches a slow server intact, and the transport never holds
+    more than a slice of it: what the socket does not take is not copied whole into the transport's buffer."""
+    body = bytes(range(256)) * ((9 << 20) // 256) + b"tail"
+    received = bytearray()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        while len(received) < length:
+            received.extend(await reader.read(256 << 10))
+            await asyncio.sleep(0.002)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with Server(handler) as srv:
+        o = srv.origin()
+        conns: list[Connection] = []
+        connect = o._connect
+
+        async def spied() -> Connection:
+            conns.append(await connect())
+            return conns[-1]
+
+        o._connect = spied  # type: ignore[method-assign]
+        buffered = [0]
+
+        async def sample() -> None:
+            while True:
+                if conns:
+                    buffered[0] = max(buffered[0], conns[0].writer.transport.get_write_buffer_size())
+                await asyncio.sleep(0.001)
+
+        sampler = asyncio.create_task(sample())
+        assert (await o.request("PUT", "/part", body=body)).status == 200
+        sampler.cancel()
+        await o.close()
+    assert bytes(received) == body
+    assert 0 < buffered[0] <= SLICE + (64 << 10), buffered
 
 
 async def test_a_reused_connection_closed_by_the_server_is_retried_once_on_a_new_one() -> None:

@@ -8,7 +8,6 @@ never into a log line or an error message: those name the method, the key and th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import netrc
 import ssl
@@ -18,12 +17,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .. import __version__
 from .base import Backend, BackendError, ObjectStat, PermanentBackendError, T
-from .http11 import Body, Origin, ProtocolError
-from .retry import Remote, RetryableError, parse_retry_after, with_retries
+from .http11 import TRANSIENT, Body, Origin
+from .retry import Remote, RetryableError, parse_retry_after, unanswered, with_retries
 
-TRANSIENT = (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError)
-"""What a request can fail with short of an answer: the connection, a timeout, a garbled answer. Their
-texts name at most the host and port, never a credential (those are only in request headers)."""
 SAFE_IN_PATH = "/:@!$&'()*+,;=-._~"
 LISTING_BYTES = 32 << 10
 """What one request is worth in a PROPFIND answer (about fifty entries)."""
@@ -38,10 +34,6 @@ def redact(url: str) -> str:
     if p.port:
         host = f"{host}:{p.port}"
     return urlunsplit((p.scheme, host, p.path, "", ""))
-
-
-def _transient(what: str, e: BaseException) -> RetryableError:
-    return RetryableError(f"{what}: {type(e).__name__}{': ' + str(e) if str(e) else ''}")
 
 
 def _check_status(what: str, status: int, hdrs: dict[str, str]) -> None:
@@ -124,7 +116,7 @@ class HttpBackend(Backend):
         try:
             resp = await self.origin.request(method, self._target(key), headers, data, read_body=True)
         except TRANSIENT as e:
-            raise _transient(what, e) from None
+            raise unanswered(what, e) from None
         _check_status(what, resp.status, resp.headers)
         return resp.status, resp.body if resp.status == wanted else b"", resp.headers
 
@@ -149,7 +141,7 @@ class HttpBackend(Backend):
                         return None
                     return (await consume(chunks),)
             except TRANSIENT as e:
-                raise _transient(what, e) from None
+                raise unanswered(what, e) from None
 
         found = await with_retries(what, op, self.policy, self.rate)
         return found[0] if found else None
@@ -238,7 +230,7 @@ class HttpBackend(Backend):
                     if len(body) > limit:
                         return None  # a large cache: asking per key is cheaper than the rest
         except TRANSIENT as e:
-            raise _transient(what, e) from None
+            raise unanswered(what, e) from None
         base_path = urlsplit(self.base).path.rstrip("/") + "/"
         wanted = set(keys)
         found = {}

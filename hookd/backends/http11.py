@@ -34,12 +34,21 @@ NO_BODY_STATUS = frozenset({204, 304})
 READ = 1 << 20
 ONE_WRITE = 64 << 10
 """A request body up to this size goes out in one write with the request's head."""
+SLICE = 1 << 20
+"""A larger body given whole goes out a slice at a time, each written once the last one left: the
+transport copies what the socket does not take at once, and a part of 16 MiB would otherwise be
+copied whole on the loop (and held twice)."""
 
 Body = bytes | AsyncIterable[bytes] | None
 
 
 class ProtocolError(Exception):
     """The server's answer is not HTTP/1.1 as this client reads it."""
+
+
+TRANSIENT = (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError)
+"""What a request can fail with short of an answer: the connection, a timeout, a garbled answer. Their
+texts name at most the host and port, never a credential (those are only in request headers)."""
 
 
 @dataclass
@@ -275,7 +284,10 @@ class Origin:
                 conn.writer.write(head + data)
             else:
                 conn.writer.write(head)
-                conn.writer.write(data)
+                view = memoryview(data)
+                for at in range(0, len(view), SLICE):
+                    conn.writer.write(view[at : at + SLICE])
+                    await self._drain(conn)
             await self._drain(conn)
         while True:
             try:

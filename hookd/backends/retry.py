@@ -48,6 +48,11 @@ class RetryableError(BackendError):
         self.retry_after = retry_after
 
 
+def unanswered(what: str, e: BaseException) -> RetryableError:
+    """A request that failed short of an answer (connection, timeout, garbled answer): worth repeating."""
+    return RetryableError(f"{what}: {type(e).__name__}{': ' + str(e) if str(e) else ''}")
+
+
 def parse_retry_after(value: str | None, cap: float = 300.0) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date), capped; None if absent/bad."""
     if not value:

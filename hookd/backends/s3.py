@@ -1,14 +1,16 @@
-"""A binary cache in an S3 bucket (AWS, MinIO, Garage, Ceph, R2…), through aiobotocore.
+"""A binary cache in an S3 bucket (AWS, MinIO, Garage, Ceph, R2…), through aiobotocore and, for the
+writes, through requests hookd signs itself (s3wire.py).
 
 A small NAR goes up in one PUT (request budgets matter); a larger one as a multipart upload whose
 parts are sent as the stream fills them, `part_concurrency` at a time, so memory holds at most that
 many parts plus the one filling, and nothing is staged on disk.
 
-NAR bytes never touch the event loop beyond being handed on: a part's pieces are joined and its MD5
-computed in a worker thread, and NAR requests go through a second client that does not SHA-256 the
-payload for its signature (botocore does that on the loop, over plain http, 0.7 s of CPU per 512 MiB:
-the loop was the bottleneck). Integrity stays the server's to check: every NAR request carries the
-bytes' Content-MD5, which the signature covers and S3 verifies (BadDigest otherwise, retried).
+NAR bytes never touch the event loop beyond being handed on: a part's pieces are joined and their
+SHA-256 computed in a worker thread, and that hash is what the request's signature covers. The server
+checks the bytes against it (XAmzContentSHA256Mismatch otherwise, retried). Where hookd cannot send
+as botocore would (a proxy, a bucket in another region than configured), writes go through botocore
+instead: NAR bytes then through a client that does not hash payloads on the loop, with their
+Content-MD5, which the signature covers and the server checks (BadDigest otherwise, retried).
 
 The upload is completed only after the stream ended normally, and aborted otherwise (a NarHash
 mismatch, a failed part). Credentials come from botocore's standard chain (environment, shared profile,
@@ -29,8 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from .base import Backend, ObjectStat, PermanentBackendError, PreconditionFailed, T
-from .retry import Remote, RetryableError, RetryPolicy, parse_retry_after, with_retries
+from .http11 import TRANSIENT
+from .retry import Remote, RetryableError, RetryPolicy, parse_retry_after, unanswered, with_retries
+from .s3wire import REGION_CODES, Wire, error_code, headers_of
+from .sigv4 import EMPTY_SHA256, Credentials
 
 log = logging.getLogger("hookd.backend")
 
@@ -57,8 +63,12 @@ RETRY_CODES = {
     "503",
     "504",
     "BadDigest",
+    "XAmzContentSHA256Mismatch",
+    "ConditionalRequestConflict",
 }
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+ON_THE_LOOP = 256 << 10
+"""A body up to this size (a narinfo, a listing) is hashed on the event loop; a larger one in a thread."""
 
 
 class S3Backend(Backend):
@@ -101,6 +111,9 @@ class S3Backend(Backend):
         self._client: Any = None
         self._bulk: Any = None  # NAR bytes: payload not hashed for the signature, Content-MD5 sent
         self._sealer: ThreadPoolExecutor | None = None
+        self._wire: Wire | None = None  # writes signed and sent by hookd; None: through botocore
+        self._wire_decided = False
+        self._wire_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
         self._conditional: bool | None = None
         self._probe_lock = asyncio.Lock()
@@ -122,6 +135,49 @@ class S3Backend(Backend):
             if self._client is None:
                 self._client = await self._open(self._session, {})
             return self._client
+
+    async def _w(self) -> Wire | None:
+        """The wire for writes, learned once from a HEAD that botocore sends (None: botocore writes)."""
+        if not self._wire_decided:
+            async with self._wire_lock:
+                if not self._wire_decided:
+                    self._wire = await self._learn_wire()
+                    self._wire_decided = True
+        return self._wire
+
+    async def _learn_wire(self) -> Wire | None:
+        client = await self._c()
+        creds = await self._session.get_credentials()
+        if creds is None:
+            return None  # botocore's requests say what is missing
+        probe = self._key(".hookd-probe-wire")
+        seen: list[tuple[str, str]] = []
+
+        def learn(request: Any, signature_version: str, region_name: str, **_: Any) -> None:
+            if signature_version == "s3v4":
+                seen.append((request.url, request.context.get("signing", {}).get("region") or region_name))
+
+        client.meta.events.register("before-sign.s3.HeadObject", learn, unique_id="hookd-wire")
+        try:
+            await self._call("head_object", probe, Key=probe)
+        finally:
+            client.meta.events.unregister("before-sign.s3.HeadObject", unique_id="hookd-wire")
+
+        async def current() -> Credentials:
+            frozen = await creds.get_frozen_credentials()
+            return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+        wire = None
+        if seen:  # the last one: after botocore followed any redirect to the bucket's region
+            url, region = seen[-1]
+            wire = Wire.learned(
+                url, probe, region, current, limit=self.max_connections, connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout, user_agent=f"hookd/{__version__}",
+                ca_file=self._session.get_config_variable("ca_bundle"),
+            )  # fmt: skip
+        if wire is None:
+            log.info("%s: writes go through botocore (a proxy, or an endpoint hookd cannot sign for)", self.url)
+        return wire
 
     async def _open(self, session: Any, s3: dict[str, Any]) -> Any:
         from aiobotocore.config import AioConfig
@@ -147,6 +203,9 @@ class S3Backend(Backend):
         if self._sealer is not None:
             self._sealer.shutdown(wait=False)
             self._sealer = None
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await wire.close()
         ctxs, self._ctxs = self._ctxs, []
         self._client = self._bulk = None
         for ctx in ctxs:
@@ -174,6 +233,71 @@ class S3Backend(Backend):
                 return _classify(what, e)
 
         return await with_retries(what, once, self.policy, self.rate)
+
+    async def _put(
+        self,
+        key: str,
+        body: bytes | io.BytesIO,
+        extra: dict[str, Any],
+        *,
+        sha256: str | None = None,
+        md5: str | None = None,
+        part: tuple[str, int] | None = None,
+    ) -> str | None:
+        """PUT an object, or part `part` (upload id, number) of a multipart upload, with retries; its
+        ETag. Signed by hookd with the body's SHA-256 where the wire is on; otherwise through botocore:
+        with `md5`, by the client that does not hash payloads, else by the one that does."""
+        op = "upload_part" if part else "put_object"
+        what = f"S3 {op} {self.bucket}/{self._key(key)}"
+        boto: dict[str, Any] = {"Key": self._key(key), "Body": body, **extra}
+        if part is not None:
+            boto.update(UploadId=part[0], PartNumber=part[1])
+
+        async def once() -> str | None:
+            wire = self._wire
+            if wire is not None and sha256 is not None and isinstance(body, bytes):
+                return await self._put_wire(wire, what, key, body, sha256, extra, part)
+            if isinstance(body, io.BytesIO):
+                body.seek(0)  # sent again from its start after a failure
+            client = await self._c(bulk=md5 is not None)
+            try:
+                result = await getattr(client, op)(Bucket=self.bucket, **boto, **({"ContentMD5": md5} if md5 else {}))
+            except Exception as e:  # classified below; nothing here is a bug of ours
+                _classify(what, e)
+                raise PermanentBackendError(f"{what}: not found") from None  # no bucket, no upload
+            etag: str | None = result.get("ETag")
+            return etag
+
+        return await with_retries(what, once, self.policy, self.rate)
+
+    async def _put_wire(
+        self,
+        wire: Wire,
+        what: str,
+        key: str,
+        body: bytes,
+        sha256: str,
+        extra: dict[str, Any],
+        part: tuple[str, int] | None,
+    ) -> str | None:
+        params = {"partNumber": str(part[1]), "uploadId": part[0]} if part else None
+        try:
+            resp = await wire.request(
+                "PUT", self._key(key), params=params, headers=headers_of(extra), body=body, sha256=sha256
+            )
+        except TRANSIENT as e:
+            raise unanswered(what, e) from None
+        if resp.status < 300:
+            return resp.headers.get("etag")
+        code = error_code(resp)
+        if code in REGION_CODES or resp.status in (301, 307):
+            if self._wire is wire:  # the first of the requests in flight to hear it
+                self._wire = None
+                await wire.close()
+                log.info("%s: %s to hookd's own request; writes go through botocore from now on", self.url, code)
+            raise RetryableError(f"{what}: {code}")
+        _raise_for(what, resp.status, code, resp.headers)
+        raise PermanentBackendError(f"{what}: {code}")  # a 404 (no bucket, no upload): not an answer here
 
     async def exists(self, key: str) -> bool:
         return await self._call("head_object", key, Key=self._key(key)) is not None
@@ -208,7 +332,12 @@ class S3Backend(Backend):
         extra = self._extra(content_type)
         if content_encoding is not None:
             extra["ContentEncoding"] = content_encoding
-        await self._call("put_object", key, Key=self._key(key), Body=data, **extra)
+        if await self._w() is None:
+            await self._put(key, data, extra)
+        elif len(data) <= ON_THE_LOOP:
+            await self._put(key, data, extra, sha256=hashlib.sha256(data).hexdigest())
+        else:
+            await self._put(key, data, extra, sha256=await self._run(_sha256, data))
 
     async def put_new(self, key: str, data: bytes, content_type: str) -> bool:
         """One conditional PUT (If-None-Match: *) where the server enforces it (probed once per
@@ -229,7 +358,7 @@ class S3Backend(Backend):
         probe = f"nar/.hookd-probe-{uuid.uuid4().hex}"
         try:
             for _ in range(2):
-                await self._call("put_object", probe, Key=self._key(probe), Body=b"", IfNoneMatch="*")
+                await self._put(probe, b"", {"IfNoneMatch": "*"}, sha256=EMPTY_SHA256)
         except PreconditionFailed:
             return True
         finally:
@@ -287,19 +416,28 @@ class S3Backend(Backend):
         part = self.nar_part_size(size_hint) + (1 << 20)
         return min(2 * (size_hint + (size_hint >> 7) + (64 << 10)), part * (self.part_concurrency + 2))
 
-    async def _seal(self, pieces: list[bytes]) -> tuple[io.BytesIO, str]:
-        """NAR bytes joined and checksummed by a thread of the backend's own pool. Not niced like the
+    async def _seal(self, pieces: list[bytes]) -> tuple[bytes | io.BytesIO, str | None, str | None]:
+        """NAR bytes joined and hashed (SHA-256 for the wire, else MD5) by a thread of the backend's own
+        pool: (data, sha256, md5)."""
+        if await self._w() is not None:
+            data = await self._run(b"".join, pieces)
+            return data, await self._run(_sha256, data), None
+        buffer, md5 = await self._run(_seal, pieces)
+        return buffer, None, md5
+
+    async def _run(self, fn: Callable[[Any], T], arg: Any) -> T:
+        """`fn(arg)` in a thread of the backend's own pool (joins and hashes of NAR bytes). Not niced like the
         threads that compress: this is sending, which the loop used to do at its priority; niced, it
         competed with the compressor for the same share and slowed 512 MiB of /usr/lib to radosgw
         from 177-193 to 124-129 MiB/s (and 131-145 to 88-102), in turn in the same minutes."""
         if self._sealer is None:
             self._sealer = ThreadPoolExecutor(self.part_concurrency + 1, "s3-seal")
-        return await asyncio.get_running_loop().run_in_executor(self._sealer, _seal, pieces)
+        return await asyncio.get_running_loop().run_in_executor(self._sealer, fn, arg)
 
     async def _put_bulk(self, key: str, pieces: list[bytes], extra: dict[str, Any]) -> None:
-        """One PUT of NAR bytes, joined and checksummed off the loop."""
-        data, md5 = await self._seal(pieces)
-        await self._call("put_object", key, bulk=True, Key=self._key(key), Body=data, ContentMD5=md5, **extra)
+        """One PUT of NAR bytes, joined and hashed off the loop."""
+        data, sha256, md5 = await self._seal(pieces)
+        await self._put(key, data, extra, sha256=sha256, md5=md5)
 
     async def _create(self, key: str, content_type: str) -> _Multipart:
         created = await self._call("create_multipart_upload", key, Key=self._key(key), **self._extra(content_type))
@@ -414,13 +552,12 @@ class _Multipart:
     async def _part(self, number: int, pieces: list[bytes]) -> dict[str, Any]:
         b = self.backend
         try:
-            data, md5 = await b._seal(pieces)
+            data, sha256, md5 = await b._seal(pieces)
             pieces.clear()  # the joined copy is what is sent (and sent again after a failure)
-            res = await b._call(
-                "upload_part", self.key, bulk=True, Key=b._key(self.key), UploadId=self.upload_id,
-                PartNumber=number, Body=data, ContentMD5=md5,
-            )  # fmt: skip
-            return {"PartNumber": number, "ETag": res["ETag"]}
+            etag = await b._put(self.key, data, {}, sha256=sha256, md5=md5, part=(self.upload_id, number))
+            if not etag:
+                raise PermanentBackendError(f"S3 upload_part {b.bucket}/{b._key(self.key)}: answered without an ETag")
+            return {"PartNumber": number, "ETag": etag}
         finally:
             self.gate.release()
 
@@ -432,6 +569,10 @@ class _Multipart:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.backend._abort(self.key, self.upload_id)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _seal(pieces: list[bytes]) -> tuple[io.BytesIO, str]:
@@ -449,6 +590,22 @@ def _seal(pieces: list[bytes]) -> tuple[io.BytesIO, str]:
     return data, base64.b64encode(md5).decode()
 
 
+def _raise_for(what: str, status: int, code: str, headers: dict[str, str]) -> None:
+    """Raise for an S3 error answer: retryable (throttled, 5xx, a checksum mismatch), a failed
+    precondition, or permanent (denied, 4xx); return for a 404, whose meaning depends on the request."""
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if code in THROTTLE_CODES or status in (429, 503):
+        raise RetryableError(f"{what}: {code or status}", True, retry_after)
+    if code in RETRY_CODES or status >= 500:
+        raise RetryableError(f"{what}: {code or status}", False, retry_after)
+    if code == "PreconditionFailed" or status == 412:
+        raise PreconditionFailed(f"{what}: {code or status}")
+    if status == 404:
+        return
+    hint = " (check the credentials and the bucket policy)" if status in (401, 403) else ""
+    raise PermanentBackendError(f"{what}: {code or status}{hint}")
+
+
 def _classify(what: str, e: Exception) -> None:
     """Turn a botocore/aiohttp exception into None (not found), RetryableError or PermanentBackendError."""
     import aiohttp
@@ -458,18 +615,10 @@ def _classify(what: str, e: Exception) -> None:
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        retry_after = parse_retry_after(headers.get("retry-after"))
         if code in NOT_FOUND or (status == 404 and code != "NoSuchBucket"):
             return None
-        if code in THROTTLE_CODES or status in (429, 503):
-            raise RetryableError(f"{what}: {code or status}", True, retry_after)
-        if code in RETRY_CODES or status >= 500:
-            raise RetryableError(f"{what}: {code or status}", False, retry_after)
-        if code == "PreconditionFailed" or status == 412:
-            raise PreconditionFailed(f"{what}: {code or status}")
-        hint = " (check the credentials and the bucket policy)" if status in (401, 403) else ""
-        raise PermanentBackendError(f"{what}: {code or status}{hint}")
+        _raise_for(what, status, code, e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+        raise PermanentBackendError(f"{what}: {code or status}")
     if isinstance(e, bex.NoCredentialsError | bex.PartialCredentialsError | bex.ProfileNotFound):
         raise PermanentBackendError(f"{what}: {type(e).__name__} (configure S3 credentials)")
     if isinstance(
