@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .base import Backend, ObjectStat, PermanentBackendError, PreconditionFailed, T
+from .base import Backend, BackendError, ObjectStat, PermanentBackendError, PreconditionFailed, T
 from .http11 import TRANSIENT
 from .retry import Remote, RetryableError, RetryPolicy, parse_retry_after, unanswered, with_retries
 from .s3wire import REGION_CODES, Wire, error_code, headers_of
@@ -160,6 +160,10 @@ class S3Backend(Backend):
         client.meta.events.register("before-sign.s3.HeadObject", learn, unique_id="hookd-wire")
         try:
             await self._call("head_object", probe, Key=probe)
+        except BackendError:
+            if not seen:  # not even signed: decided on a later write
+                raise
+            # signed (and sent): what is learned is where and how botocore sends, whatever the answer
         finally:
             client.meta.events.unregister("before-sign.s3.HeadObject", unique_id="hookd-wire")
 
