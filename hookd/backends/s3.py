@@ -36,7 +36,7 @@ from .base import Backend, BackendError, ObjectStat, PermanentBackendError, Prec
 from .http11 import TRANSIENT
 from .retry import Remote, RetryableError, RetryPolicy, parse_retry_after, unanswered, with_retries
 from .s3wire import REGION_CODES, Wire, error_code, headers_of
-from .sigv4 import EMPTY_SHA256, Credentials
+from .sigv4 import EMPTY_SHA256, Credentials, canonical_path
 
 log = logging.getLogger("hookd.backend")
 
@@ -154,7 +154,7 @@ class S3Backend(Backend):
         seen: list[tuple[str, str]] = []
 
         def learn(request: Any, signature_version: str, region_name: str, **_: Any) -> None:
-            if signature_version == "s3v4":
+            if signature_version == "s3v4" and request.url.split("?", 1)[0].endswith("/" + canonical_path(probe)):
                 seen.append((request.url, request.context.get("signing", {}).get("region") or region_name))
 
         client.meta.events.register("before-sign.s3.HeadObject", learn, unique_id="hookd-wire")
@@ -424,8 +424,8 @@ class S3Backend(Backend):
         """NAR bytes joined and hashed (SHA-256 for the wire, else MD5) by a thread of the backend's own
         pool: (data, sha256, md5)."""
         if await self._w() is not None:
-            data = await self._run(b"".join, pieces)
-            return data, await self._run(_sha256, data), None
+            data, sha256 = await self._run(_join_sha256, pieces)
+            return data, sha256, None
         buffer, md5 = await self._run(_seal, pieces)
         return buffer, None, md5
 
@@ -577,6 +577,12 @@ class _Multipart:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _join_sha256(pieces: list[bytes]) -> tuple[bytes, str]:
+    """NAR bytes in one buffer, and their SHA-256 (hex) for the signature (blocking: run it in a thread)."""
+    data = b"".join(pieces)
+    return data, _sha256(data)
 
 
 def _seal(pieces: list[bytes]) -> tuple[io.BytesIO, str]:
