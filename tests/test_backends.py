@@ -242,6 +242,23 @@ async def test_s3_nar_bytes_changed_on_the_way_are_refused_and_sent_again(
     assert client.get_object(Bucket=bucket, Key="nar/small.nar")["Body"].read() == small
 
 
+async def test_s3_writes_are_signed_by_hookd_when_other_requests_run_beside_the_first(
+    tmp_path: Path, moto: S3Server, aws_env: None
+) -> None:
+    """Where hookd's own writes go is learned from one HEAD that botocore signs; HEADs of other keys signed
+    meanwhile (the planner asks for many at once) must not be taken for it."""
+    proxy = FaultProxy(tmp_path, moto.url, s3=True)
+    _, url = s3_url(moto, proxy.url)
+    be = open_backend(url)
+    asked = [be.stat(f"{i:04}.narinfo") for i in range(40)]
+    await asyncio.gather(*asked[:20], be.put("x.narinfo", b"StorePath: x\n", "text/x-nix-narinfo"), *asked[20:])
+    await be.put("y.narinfo", b"StorePath: y\n", "text/x-nix-narinfo")
+    await be.close()
+    puts = [r for r in proxy.records() if r["method"] == "PUT"]
+    proxy.stop()
+    assert len(puts) == 2 and all(r["client"] == "hookd" and r["payload"] == "signed" for r in puts), puts
+
+
 async def test_s3_writes_refused_for_the_region_go_through_botocore(
     tmp_path: Path, moto: S3Server, aws_env: None, caplog: pytest.LogCaptureFixture
 ) -> None:
