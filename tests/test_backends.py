@@ -209,10 +209,15 @@ async def test_s3_multipart_parts_and_content_types(tmp_path: Path, s3server: S3
     await be.close()
     parts = {r["path"] for r in proxy.records() if r["method"] == "PUT" and "partNumber=" in str(r["path"])}
     assert len(parts) == 5
-    # Writes are hookd's own requests, their payload's SHA-256 signed (s3wire.py); the rest is botocore's.
-    puts = [r for r in proxy.records() if r["method"] == "PUT"]
+    # Writes and HEADs are hookd's own requests, a PUT's payload SHA-256 signed (s3wire.py); the rest is
+    # botocore's, and one HEAD of a probe key, from which hookd learns where to send.
+    records = proxy.records()
+    puts = [r for r in records if r["method"] == "PUT"]
     assert puts and all(r["client"] == "hookd" and r["payload"] == "signed" for r in puts), puts
-    assert all(r["client"] == "aiobotocore" for r in proxy.records() if r["method"] != "PUT")
+    assert [r["method"] for r in records if r["client"] == "hookd" and r["method"] != "PUT"] == ["HEAD"]
+    boto = [r for r in records if r["client"] == "aiobotocore"]
+    assert [r["method"] for r in boto if ".hookd-probe-wire" in str(r["path"])] == ["HEAD"]
+    assert {r["method"] for r in boto if ".hookd-probe-wire" not in str(r["path"])} == {"POST", "GET"}
     head = s3server.client().head_object(Bucket=bucket, Key="nar/x.nar")
     assert head["ContentType"] == "application/x-nix-nar" and "ContentEncoding" not in head
     assert s3server.client().head_object(Bucket=bucket, Key="x.narinfo")["ContentType"] == "text/x-nix-narinfo"
@@ -245,13 +250,13 @@ async def test_s3_nar_bytes_changed_on_the_way_are_refused_and_sent_again(
 async def test_s3_writes_are_signed_by_hookd_when_other_requests_run_beside_the_first(
     tmp_path: Path, moto: S3Server, aws_env: None
 ) -> None:
-    """Where hookd's own writes go is learned from one HEAD that botocore signs; HEADs of other keys signed
-    meanwhile (the planner asks for many at once) must not be taken for it."""
+    """Where hookd's own requests go is learned from one HEAD that botocore signs; HEADs of other keys that
+    botocore signs meanwhile (a touch looks at a narinfo first) must not be taken for it."""
     proxy = FaultProxy(tmp_path, moto.url, s3=True)
     _, url = s3_url(moto, proxy.url)
     be = open_backend(url)
-    asked = [be.stat(f"{i:04}.narinfo") for i in range(40)]
-    await asyncio.gather(*asked[:20], be.put("x.narinfo", b"StorePath: x\n", "text/x-nix-narinfo"), *asked[20:])
+    touched = [be.touch(f"{i:04}.narinfo", "text/x-nix-narinfo") for i in range(40)]
+    await asyncio.gather(*touched[:20], be.put("x.narinfo", b"StorePath: x\n", "text/x-nix-narinfo"), *touched[20:])
     await be.put("y.narinfo", b"StorePath: y\n", "text/x-nix-narinfo")
     await be.close()
     puts = [r for r in proxy.records() if r["method"] == "PUT"]
@@ -273,13 +278,16 @@ async def test_s3_writes_refused_for_the_region_go_through_botocore(
         await be.put_nar("nar/big.nar", pieces(big), "application/x-nix-nar", len(big))
         await be.put("x.narinfo", b"StorePath: x\n", "text/x-nix-narinfo")
         assert await be.put_new("nar/small.nar", b"small", "application/x-nix-nar")
+        there = await be.stat("x.narinfo")
     await be.close()
+    assert there is not None and there.size == len(b"StorePath: x\n")
     refused = [r for r in proxy.records() if r["fault"] == "region"]
-    later = [r for r in proxy.records() if r["method"] == "PUT" and r["start"] > max(float(r["end"]) for r in refused)]
+    after = max(float(r["end"]) for r in refused)
+    later = [r for r in proxy.records() if r["method"] in ("PUT", "HEAD") and r["start"] > after]
     proxy.stop()
     assert 1 <= len(refused) <= 2, refused  # the parts in flight when the first answer came
-    assert later and all(r["client"] == "aiobotocore" and r["status"] in (200, 412) for r in later), later
-    assert len([m for m in caplog.messages if "writes go through botocore from now on" in m]) == 1
+    assert later and all(r["client"] == "aiobotocore" and r["status"] in (200, 404, 412) for r in later), later
+    assert len([m for m in caplog.messages if "goes through botocore from now on" in m]) == 1
     client = moto.client()
     assert client.get_object(Bucket=bucket, Key="nar/big.nar")["Body"].read() == big
     assert client.get_object(Bucket=bucket, Key="x.narinfo")["Body"].read() == b"StorePath: x\n"

@@ -1,5 +1,5 @@
-"""A binary cache in an S3 bucket (AWS, MinIO, Garage, Ceph, R2…), through aiobotocore and, for the
-writes, through requests hookd signs itself (s3wire.py).
+"""A binary cache in an S3 bucket (AWS, MinIO, Garage, Ceph, R2…), through aiobotocore and, for writes
+and HEADs, through requests hookd signs itself (s3wire.py).
 
 A small NAR goes up in one PUT (request budgets matter); a larger one as a multipart upload whose
 parts are sent as the stream fills them, `part_concurrency` at a time, so memory holds at most that
@@ -8,7 +8,7 @@ many parts plus the one filling, and nothing is staged on disk.
 NAR bytes never touch the event loop beyond being handed on: a part's pieces are joined and their
 SHA-256 computed in a worker thread, and that hash is what the request's signature covers. The server
 checks the bytes against it (XAmzContentSHA256Mismatch otherwise, retried). Where hookd cannot send
-as botocore would (a proxy, a bucket in another region than configured), writes go through botocore
+as botocore would (a proxy, a bucket in another region than configured), writes and HEADs go through botocore
 instead: NAR bytes then through a client that does not hash payloads on the loop, with their
 Content-MD5, which the signature covers and the server checks (BadDigest otherwise, retried).
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import __version__
 from .base import Backend, BackendError, ObjectStat, PermanentBackendError, PreconditionFailed, T
-from .http11 import TRANSIENT
+from .http11 import TRANSIENT, Response
 from .retry import Remote, RetryableError, RetryPolicy, parse_retry_after, unanswered, with_retries
 from .s3wire import REGION_CODES, Wire, error_code, headers_of
 from .sigv4 import EMPTY_SHA256, Credentials, canonical_path
@@ -180,7 +180,7 @@ class S3Backend(Backend):
                 ca_file=self._session.get_config_variable("ca_bundle"),
             )  # fmt: skip
         if wire is None:
-            log.info("%s: writes go through botocore (a proxy, or an endpoint hookd cannot sign for)", self.url)
+            log.info("%s: writes and HEADs go through botocore (a proxy, or an endpoint it cannot sign for)", self.url)
         return wire
 
     async def _open(self, session: Any, s3: dict[str, Any]) -> Any:
@@ -224,19 +224,23 @@ class S3Backend(Backend):
         what = f"S3 {op} {self.bucket}/{self._key(key)}"
 
         async def once() -> Any:
-            client = await self._c(bulk)
-            if isinstance(kwargs.get("Body"), io.BytesIO):
-                kwargs["Body"].seek(0)  # sent again from its start after a failure
-            try:
-                result = await getattr(client, op)(Bucket=self.bucket, **kwargs)
-                if op == "get_object":
-                    async with result["Body"] as body:
-                        return await body.read()
-                return result
-            except Exception as e:  # classified below; nothing here is a bug of ours
-                return _classify(what, e)
+            return await self._boto(what, op, bulk, kwargs)
 
         return await with_retries(what, once, self.policy, self.rate)
+
+    async def _boto(self, what: str, op: str, bulk: bool, kwargs: dict[str, Any]) -> Any:
+        """One attempt of an S3 call through botocore: its result, or None when the object does not exist."""
+        client = await self._c(bulk)
+        if isinstance(kwargs.get("Body"), io.BytesIO):
+            kwargs["Body"].seek(0)  # sent again from its start after a failure
+        try:
+            result = await getattr(client, op)(Bucket=self.bucket, **kwargs)
+            if op == "get_object":
+                async with result["Body"] as body:
+                    return await body.read()
+            return result
+        except Exception as e:  # classified below; nothing here is a bug of ours
+            return _classify(what, e)
 
     async def _put(
         self,
@@ -261,14 +265,9 @@ class S3Backend(Backend):
             wire = self._wire
             if wire is not None and sha256 is not None and isinstance(body, bytes):
                 return await self._put_wire(wire, what, key, body, sha256, extra, part)
-            if isinstance(body, io.BytesIO):
-                body.seek(0)  # sent again from its start after a failure
-            client = await self._c(bulk=md5 is not None)
-            try:
-                result = await getattr(client, op)(Bucket=self.bucket, **boto, **({"ContentMD5": md5} if md5 else {}))
-            except Exception as e:  # classified below; nothing here is a bug of ours
-                _classify(what, e)
-                raise PermanentBackendError(f"{what}: not found") from None  # no bucket, no upload
+            result = await self._boto(what, op, md5 is not None, {**boto, **({"ContentMD5": md5} if md5 else {})})
+            if result is None:
+                raise PermanentBackendError(f"{what}: 404")  # no bucket, no upload: not an answer here
             etag: str | None = result.get("ETag")
             return etag
 
@@ -285,26 +284,45 @@ class S3Backend(Backend):
         part: tuple[str, int] | None,
     ) -> str | None:
         params = {"partNumber": str(part[1]), "uploadId": part[0]} if part else None
+        resp = await self._on_wire(wire, what, "PUT", key, params, headers_of(extra), body, sha256)
+        if resp is None:
+            raise PermanentBackendError(f"{what}: 404")  # no bucket, no upload: not an answer here
+        return resp.headers.get("etag")
+
+    async def _on_wire(
+        self,
+        wire: Wire,
+        what: str,
+        method: str,
+        key: str,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        sha256: str = EMPTY_SHA256,
+    ) -> Response | None:
+        """One request of hookd's own: its answer, None for a 404, or the error (_raise_for). An answer
+        that says the bucket is in another region turns the wire off (botocore follows redirects) and is
+        retried through botocore."""
         try:
-            resp = await wire.request(
-                "PUT", self._key(key), params=params, headers=headers_of(extra), body=body, sha256=sha256
-            )
+            resp = await wire.request(method, self._key(key), params=params, headers=headers, body=body, sha256=sha256)
         except TRANSIENT as e:
             raise unanswered(what, e) from None
         if resp.status < 300:
-            return resp.headers.get("etag")
+            return resp
         code = error_code(resp)
-        if code in REGION_CODES or resp.status in (301, 307):
+        # a HEAD's only word of it: 400, no body, the bucket's region in a header
+        elsewhere = resp.status == 400 and resp.headers.get("x-amz-bucket-region", wire.region) != wire.region
+        if code in REGION_CODES or resp.status in (301, 307) or elsewhere:
             if self._wire is wire:  # the first of the requests in flight to hear it
                 self._wire = None
                 await wire.close()
-                log.info("%s: %s to hookd's own request; writes go through botocore from now on", self.url, code)
+                log.info("%s: %s to hookd's own request; it goes through botocore from now on", self.url, code)
             raise RetryableError(f"{what}: {code}")
         _raise_for(what, resp.status, code, resp.headers)
-        raise PermanentBackendError(f"{what}: {code}")  # a 404 (no bucket, no upload): not an answer here
+        return None
 
     async def exists(self, key: str) -> bool:
-        return await self._call("head_object", key, Key=self._key(key)) is not None
+        return await self.stat(key) is not None
 
     async def get(self, key: str) -> bytes | None:
         result = await self._call("get_object", key, Key=self._key(key))
@@ -491,10 +509,21 @@ class S3Backend(Backend):
         await self._call("delete_object", key, Key=self._key(key))
 
     async def stat(self, key: str) -> ObjectStat | None:
-        res = await self._call("head_object", key, Key=self._key(key))
-        if res is None:
-            return None
-        return ObjectStat(key, int(res["ContentLength"]), res["LastModified"].timestamp(), res.get("ETag"))
+        """A HEAD: hookd's own where the wire is on (the planner asks for many keys at once), else botocore's."""
+        await self._w()
+        what = f"S3 head_object {self.bucket}/{self._key(key)}"
+
+        async def once() -> ObjectStat | None:
+            wire = self._wire
+            if wire is not None:
+                resp = await self._on_wire(wire, what, "HEAD", key)
+                return None if resp is None else _stat_of(what, key, resp.headers)
+            res = await self._boto(what, "head_object", False, {"Key": self._key(key)})
+            if res is None:
+                return None
+            return ObjectStat(key, int(res["ContentLength"]), res["LastModified"].timestamp(), res.get("ETag"))
+
+        return await with_retries(what, once, self.policy, self.rate)
 
     async def stat_top(self, keys: Collection[str], budget: int) -> dict[str, ObjectStat] | None:
         """ListObjectsV2 of the top level (Delimiter "/": nar/, log/… count as one entry each), a
@@ -573,6 +602,19 @@ class _Multipart:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.backend._abort(self.key, self.upload_id)
+
+
+def _stat_of(what: str, key: str, headers: dict[str, str]) -> ObjectStat:
+    """An object's size, last-modified time and ETag from a HEAD's answer (as botocore reads them)."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return ObjectStat(
+            key, int(headers["content-length"]), parsedate_to_datetime(headers["last-modified"]).timestamp(),
+            headers.get("etag"),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        raise RetryableError(f"{what}: an answer without a size or a last-modified time") from None
 
 
 def _sha256(data: bytes) -> str:

@@ -1,5 +1,5 @@
-"""The S3 requests hookd sends itself: object PUTs and multipart parts, signed here (sigv4.py) and sent
-over the HTTP/1.1 client of the HTTP backend (http11.py).
+"""The S3 requests hookd sends itself: object PUTs, multipart parts and HEADs, signed here (sigv4.py) and
+sent over the HTTP/1.1 client of the HTTP backend (http11.py).
 
 Why: through aiobotocore, each request cost 1.5-2.5 ms of CPU on the event loop (a thousand small
 paths are three thousand PUTs), and NAR bytes were either hashed on the loop for the signature or
@@ -9,8 +9,8 @@ against it.
 
 Where to send and how to sign is learned from botocore, not worked out again: the URL and signing
 region of one HEAD it sends (endpoint rules, addressing style, region redirects all applied), and the
-credentials from its chain. Everything else (listings, copies, deletes, multipart bookkeeping) stays
-with botocore.
+credentials from its chain. Everything else (listings, GETs, copies, deletes, multipart bookkeeping)
+stays with botocore.
 """
 
 from __future__ import annotations
