@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,13 @@ class FaultProxy(Process):
         if not self.events.exists():
             return []
         return [json.loads(line) for line in self.events.read_text().splitlines() if line]
+
+    def records_when(
+        self, ready: Callable[[list[dict[str, object]]], bool], timeout: float = 10.0
+    ) -> list[dict[str, object]]:
+        """The records once `ready` finds them all there: the proxy writes a request's record after its
+        answer went out, so the client can be done before the last one is written."""
+        deadline = time.monotonic() + timeout
+        while not ready(records := self.records()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return records
