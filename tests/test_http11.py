@@ -148,6 +148,28 @@ async def test_a_large_body_given_whole_goes_out_a_slice_at_a_time() -> None:
     assert 0 < buffered[0] <= SLICE + (64 << 10), buffered
 
 
+async def test_a_request_running_when_the_origin_closes_does_not_leave_its_connection_open() -> None:
+    """An S3 wire turned off (a region error) is closed while other requests still run on it: their
+    connections close when their answers are read, instead of idling in a pool nothing uses again."""
+    answered = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await srv.read_request(reader)
+        await answered.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    async with Server(handler) as srv:
+        o = srv.origin()
+        running = asyncio.create_task(o.request("GET", "/slow", read_body=True))
+        await asyncio.sleep(0.05)
+        await o.close()
+        answered.set()
+        assert (await running).body == b"ok"
+        assert not o._idle
+
+
 async def test_a_reused_connection_closed_by_the_server_is_retried_once_on_a_new_one() -> None:
     """The server answers one request per connection and closes it without saying so: a replayable
     request on the closed connection goes again on a new one; a streamed body is never replayed."""

@@ -145,8 +145,11 @@ class Origin:
         self.headers = dict(headers or {})
         self._slots = asyncio.Semaphore(max(1, limit))
         self._idle: list[Connection] = []
+        self._closed = False
 
     async def close(self) -> None:
+        """Close the idle connections; those of requests still running close when their answer is read."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abort()
@@ -245,7 +248,7 @@ class Origin:
 
     def _release(self, conn: Connection, keep: bool) -> None:
         """An answer read to its end: the connection back to the pool, or closed."""
-        if keep:
+        if keep and not self._closed:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:

@@ -207,7 +207,7 @@ class S3Backend(Backend):
         if self._sealer is not None:
             self._sealer.shutdown(wait=False)
             self._sealer = None
-        wire, self._wire = self._wire, None
+        wire, self._wire, self._wire_decided = self._wire, None, False
         if wire is not None:
             await wire.close()
         ctxs, self._ctxs = self._ctxs, []
