@@ -357,7 +357,7 @@ class S3Backend(Backend):
         if await self._w() is None:
             await self._put(key, data, extra)
         elif len(data) <= ON_THE_LOOP:
-            await self._put(key, data, extra, sha256=hashlib.sha256(data).hexdigest())
+            await self._put(key, data, extra, sha256=_sha256(data))
         else:
             await self._put(key, data, extra, sha256=await self._run(_sha256, data))
 
