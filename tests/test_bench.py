@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from tests.bench.measure import count_requests, tree_bytes
-from tests.bench.report import LOCAL, RAW, READ, ZSTD, ZSTD_FAST, Run, table, targets
+from tests.bench.report import LOCAL, RAW, READ, ZSTD, ZSTD_FAST, Run, best_of, table, targets
 from tests.bench.workloads import corpus_candidates, pick_corpus, store_name
 
 NGINX = '127.0.0.1 - - [22/Nov/2026:08:29:28 +0000] "PUT /ab12/nar/x.nar.zst HTTP/1.1" 201 0 "-" "Python/3.11 aiohttp/3.14.5"'
@@ -121,3 +121,17 @@ def test_a_missed_target_above_the_fastest_compression_says_so() -> None:
     assert "; read 1024 MiB/s, zstd -T0 -3 | sha256sum 128 MiB/s, at -1 256 MiB/s" in text
     # none of these runs sampled memory or staging: no check claims anything of them
     assert not any("RSS" in what or "staging" in what for what in checks)
+
+
+def test_the_best_of_several_pushes_is_the_fastest_with_the_largest_footprint() -> None:
+    pushes = [
+        {"seconds": 0.52, "peak_rss_mib": 50.0, "cpu_seconds": 0.7, "peak_staging_mib": 0.0, "requests": {"PUT": 3}},
+        {"seconds": 0.41, "peak_rss_mib": 48.0, "cpu_seconds": 0.6, "peak_staging_mib": None, "requests": {"PUT": 4}},
+        {"seconds": 0.47, "peak_rss_mib": 53.0, "cpu_seconds": 0.8, "peak_staging_mib": 2.0, "requests": {"PUT": 5}},
+    ]
+    best = best_of(pushes)
+    assert best["seconds"] == 0.41 and best["cpu_seconds"] == 0.6 and best["requests"] == {"PUT": 4}
+    assert best["peak_rss_mib"] == 53.0 and best["peak_staging_mib"] == 2.0  # the worst of any push
+    assert best["samples"] == [0.52, 0.41, 0.47]
+    run = Run("small", "nginx loopback", "hookd", "host", "Py", 1, 1 << 20, **best)
+    assert run.samples == [0.52, 0.41, 0.47]
