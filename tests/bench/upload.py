@@ -66,7 +66,6 @@ REPEAT_UNDER = 20.0
 the short pushes, whose times vary most from one run to the next here (±20 % on a 0.5 s push)."""
 
 
-
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
