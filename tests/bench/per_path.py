@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from hookd import nar, narstream, nixbase32
+from hookd import narstream
 from hookd.backends.base import ObjectStat
 from hookd.backends.http import HttpBackend
 from hookd.config import Config
@@ -40,6 +39,7 @@ from hookd.publish import Extras
 from hookd.upload import upload_path
 
 from ..servers import Nginx
+from .protocol import store_path
 
 IN_FLIGHT = 64
 
@@ -58,18 +58,8 @@ class Unanswered(HttpBackend):
 
 
 def small_paths(store: Path, n: int, tag: str) -> list[PathInfo]:
-    """n small regular files under `store`, named like store paths, with their NAR hashes and sizes."""
-    infos = []
-    for i in range(n):
-        name = f"small-{tag}-{i}"
-        path = store / f"{nixbase32.encode(hashlib.sha256(name.encode()).digest()[:20])}-{name}"
-        path.write_bytes(os.urandom(512) + b"x" * 2048)
-        h, size = hashlib.sha256(), 0
-        for chunk in nar.dump(path):
-            h.update(chunk)
-            size += len(chunk)
-        infos.append(PathInfo(str(path), h.digest(), size, ()))
-    return infos
+    """n small regular files (random bytes and a compressible tail, as the upload benchmark's) under `store`."""
+    return [store_path(store, f"small-{tag}-{i}", os.urandom(512) + b"x" * 2048) for i in range(n)]
 
 
 async def timed(n: int, run: Callable[[int], Awaitable[object]]) -> tuple[float, float]:

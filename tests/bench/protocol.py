@@ -29,9 +29,10 @@ from ..sim import SimBucket, Uploader, gc_loop, run_virtual
 BOUNDS = Bounds(grace=3600.0, check_to_delete=20.0, request_timeout=20.0, max_skew=30.0).check()
 
 
-def store_path(root: Path, name: str, text: str, refs: tuple[str, ...] = ()) -> PathInfo:
+def store_path(root: Path, name: str, contents: str | bytes, refs: tuple[str, ...] = ()) -> PathInfo:
+    """A regular file under `root` named like a store path, with its NAR's hash and size."""
     path = root / f"{nixbase32.encode(hashlib.sha256(name.encode()).digest()[:20])}-{name}"
-    path.write_text(text)
+    path.write_bytes(contents.encode() if isinstance(contents, str) else contents)
     h = hashlib.sha256()
     size = 0
     for chunk in nar.dump(str(path)):

@@ -73,7 +73,6 @@ def best_of(results: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-
 def _find(runs: Iterable[Run], workload: str, target: str, who: str) -> list[Run]:
     return [r for r in runs if r.workload == workload and r.target == target and r.who == who]
 
