@@ -151,10 +151,11 @@ async def test_a_large_body_given_whole_goes_out_a_slice_at_a_time() -> None:
 async def test_a_request_running_when_the_origin_closes_does_not_leave_its_connection_open() -> None:
     """An S3 wire turned off (a region error) is closed while other requests still run on it: their
     connections close when their answers are read, instead of idling in a pool nothing uses again."""
-    answered = asyncio.Event()
+    received, answered = asyncio.Event(), asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await srv.read_request(reader)
+        received.set()
         await answered.wait()
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
@@ -163,7 +164,7 @@ async def test_a_request_running_when_the_origin_closes_does_not_leave_its_conne
     async with Server(handler) as srv:
         o = srv.origin()
         running = asyncio.create_task(o.request("GET", "/slow", read_body=True))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(received.wait(), 5)  # the request is on its connection, unanswered
         await o.close()
         answered.set()
         assert (await running).body == b"ok"
