@@ -58,7 +58,13 @@ def serve(cfg: Config) -> None:
     except (OSError, KeyFileError, KeyPermissionError, PermanentBackendError) as e:
         raise DaemonError(str(e)) from None
     log.info("signing with key %s (public: %s)", key.name, key.public)
-    asyncio.run(Daemon(cfg, backend, Store(cfg.store_dir, cfg.nix_store), key).run())
+    main = Daemon(cfg, backend, Store(cfg.store_dir, cfg.nix_store), key).run()
+    if cfg.event_loop == "uvloop":
+        import uvloop  # its loop and transports are native code: what a small path costs is mostly requests
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 class Daemon:
@@ -115,8 +121,9 @@ class Daemon:
             await intake.drain_spool()
             counts = await queue.counts()
             log.info(
-                "hookd ready: cache %s, key %s, socket %s; queue: %d pending, %d failed, %d requests to plan",
-                self.backend.url, self.key.name, self.cfg.socket_path,
+                "hookd ready: cache %s, key %s, socket %s, event loop %s; queue: %d pending, %d failed, "
+                "%d requests to plan",
+                self.backend.url, self.key.name, self.cfg.socket_path, type(asyncio.get_running_loop()).__module__,
                 counts[PENDING], counts[FAILED], counts["requests"],
             )  # fmt: skip
             _sd_notify(f"READY=1\nSTATUS=queue: {counts[PENDING]} pending")

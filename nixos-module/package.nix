@@ -17,6 +17,7 @@ python3Packages.buildPythonApplication {
     click
     sdnotify
     prometheus-client
+    uvloop
   ];
 
   # The test suite starts its own nix-daemon, S3 server and nginx: it runs in CI, not in the sandbox.

@@ -34,10 +34,12 @@ def check_cache(nixenv: NixEnv, cache: Path, outs: list[str], public_key: str, f
     nixenv.verify_cache(outs, f"file://{cache}", public_key)
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_builds_are_uploaded_and_substitute(
-    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path
+    nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, event_loop: str
 ) -> None:
-    hookd = hookd_factory()
+    """On either event loop the daemon can run on (the other tests run it on the default, uvloop)."""
+    hookd = hookd_factory(env={"HOOKD_EVENT_LOOP": event_loop})
     expr = nixenv.write_expr("chain.nix", CHAIN_NIX)
     outs = nixenv.build(expr, ALL_OUTPUTS, user=build_user, args={"salt": salt()})
     assert len(outs) == 4
@@ -54,6 +56,7 @@ def test_builds_are_uploaded_and_substitute(
         assert info.deriver and info.deriver.endswith(".drv")
         assert len(info.sigs) == 1 and key.verify(info.fingerprint(), info.sigs[0])
         assert narinfo.parse(info.render()) == info
+    assert f"event loop {event_loop}" in hookd.log()
 
 
 def test_daemon_down_during_builds_spools_then_uploads(

@@ -255,6 +255,40 @@ async def test_every_wait_is_bounded_and_the_limit_holds() -> None:
         await o.close()
 
 
+async def test_a_read_past_its_bound_is_a_timeout_not_a_short_answer_and_is_not_sent_again() -> None:
+    """A read's bound cuts the connection: the request fails with TimeoutError, never with an answer cut
+    short (a body that runs to the connection's end, then stalls), and is not sent again on a new
+    connection the way a reused connection's close is (the server may still be working on it)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head, _ = await srv.read_request(reader)
+            if b"/ok" in head:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+                continue
+            if b"/to-the-end" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\n\r\npartial")
+                await writer.drain()
+            await asyncio.sleep(30)
+
+    async with Server(handler) as srv:
+        o = srv.origin(read_timeout=0.3)
+        assert (await o.request("GET", "/ok")).status == 204
+        with pytest.raises(TimeoutError, match=r"within 0\.3s"):
+            await o.request("GET", "/silent")  # on the reused connection
+        assert srv.connections == 1 and len(srv.requests) == 2
+        with pytest.raises(TimeoutError):
+            await o.request("GET", "/to-the-end", read_body=True)
+        async with o.stream("GET", "/to-the-end") as (resp, chunks):
+            assert resp.status == 200
+            with pytest.raises(TimeoutError):
+                async for _ in chunks:
+                    pass
+        assert srv.connections == 3 and not o._idle
+        await o.close()
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
     [

@@ -133,6 +133,7 @@ def test_config_precedence(tmp_path: Path) -> None:
     [
         ('cache = "file:///a"\nbogus = 1\n', "unknown setting 'bogus'"),
         ('cache = "file:///a"\ncompression = "lz4"\n', "compression 'lz4'"),
+        ('cache = "file:///a"\nevent_loop = "trio"\n', "event_loop 'trio': expected one of uvloop, asyncio"),
         ('cache = "file:///a"\nmax_parallel = "many"\n', "max_parallel"),
         ("compression = \n", "config file"),
     ],
