@@ -3,8 +3,8 @@
 Keep-alive connections (at most `limit` at once, the idle ones reused last-in first-out), a request body
 given whole or streamed with chunked transfer encoding, a response read whole or as a stream, and a
 bound on every wait: connecting, and each read or write that makes no progress. A read's bound is a
-timer that aborts the connection, not a cancellation scope (asyncio.timeout): an upload of small paths
-is three requests each, and the scope's bookkeeping cost a tenth of the daemon's CPU per path.
+timer that cuts the connection; the request then fails with a TimeoutError that names the origin and
+the bound, never with an answer cut short (`_read`).
 
 Why not aiohttp: it costs 110-150 µs of CPU per small request here against ~30 µs for this, and its
 upload path stops near 230 MiB/s on loopback; a cache upload of a thousand small paths is three thousand
