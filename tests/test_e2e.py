@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from hookd import narinfo, signing
+from hookd.config import EVENT_LOOPS
 from hookd.selftest import CHAIN_NIX, NixEnv, wait_for_narinfos
 
 from .conftest import FAST_BOUNDS, HookdFactory
@@ -34,7 +35,7 @@ def check_cache(nixenv: NixEnv, cache: Path, outs: list[str], public_key: str, f
     nixenv.verify_cache(outs, f"file://{cache}", public_key)
 
 
-@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_builds_are_uploaded_and_substitute(
     nixenv: NixEnv, hookd_factory: HookdFactory, build_user: str, tmp_path: Path, event_loop: str
 ) -> None:

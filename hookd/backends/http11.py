@@ -378,11 +378,11 @@ class Origin:
         try:
             data = await op
         except (ConnectionError, asyncio.IncompleteReadError):
-            if conn.expired:
-                raise TimeoutError(f"no answer from {self.host}:{self.port} within {self.read_timeout:g}s") from None
-            raise
+            if not conn.expired:
+                raise
+            data = b""
         finally:
             timer.cancel()
-        if conn.expired:  # a read to the end of the connection ends with b"" when it is cut
+        if conn.expired:  # the cut ends a read with an error, or with b"" for a read to the connection's end
             raise TimeoutError(f"no answer from {self.host}:{self.port} within {self.read_timeout:g}s")
         return data
