@@ -597,8 +597,12 @@ class Queue:
         blocked; and these paths themselves if one of their references is. Inside a transaction.
 
         A few statements per round, whatever the number of paths (a plan queues whole closures): each
-        round checks the paths found so far, then goes on to the referrers of those that block."""
+        round checks the paths found so far, then goes on to the referrers of those that block. None
+        at all while no path blocks (the usual plan): one look at the state index, not two queries per
+        thousand paths."""
         todo, expanded = set(paths), set()
+        if todo and await self._scalar(f"SELECT 1 FROM paths WHERE state IN {sql_list(BLOCKING)} LIMIT 1") is None:
+            return
         while todo:
             states = await self._rows("SELECT path, state FROM paths WHERE path IN ", todo)
             causes: dict[str, tuple[str, str, str | None]] = {}
