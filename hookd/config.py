@@ -65,7 +65,7 @@ class Config:
     slower to nginx; 128 MiB as fast as 512 MiB, at 115-135 MiB peak RSS instead of 216-518)."""
     event_loop: str = "uvloop"
     """The daemon's event loop: uvloop (libuv's; about a tenth less CPU per small path here) or asyncio
-    (Python's own, with no native code of its own)."""
+    (Python's own selector loop: a way out should uvloop misbehave)."""
     request_attempts: int = 6
     """Tries per remote request (backoff with full jitter) before the path goes back to the queue."""
     connect_timeout: float = 10.0
