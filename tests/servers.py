@@ -298,9 +298,10 @@ class FaultProxy(Process):
         super().__init__(argv, port, "fault proxy", workdir / f"proxy-{port}.log", env)
 
     def records(self) -> list[dict[str, object]]:
+        """The records written so far; a last line without its newline is one the proxy is still writing."""
         if not self.events.exists():
             return []
-        return [json.loads(line) for line in self.events.read_text().splitlines() if line]
+        return [json.loads(line) for line in self.events.read_text().split("\n")[:-1] if line]
 
     def records_when(
         self, ready: Callable[[list[dict[str, object]]], bool], timeout: float = 10.0

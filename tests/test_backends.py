@@ -476,6 +476,7 @@ async def test_s3_conditional_writes_probed_once_for_concurrent_uploads(
     created = await asyncio.gather(*(be.put_new(f"nar/{i % 4}.nar", b"x", "application/x-nix-nar") for i in range(16)))
     await be.close()
     assert sorted(created) == [False] * 12 + [True] * 4  # each key created once: the server enforces it
-    probes = [r for r in proxy.records() if "hookd-probe" in str(r["path"]) and r["method"] == "PUT"]
+    records = proxy.records_when(lambda rs: sum(r["method"] == "PUT" and "/nar/" in str(r["path"]) for r in rs) == 16)
+    probes = [r for r in records if "hookd-probe" in str(r["path"]) and r["method"] == "PUT"]
     proxy.stop()
     assert len(probes) == 2  # one probe (two conditional PUTs of one key), not one per upload
